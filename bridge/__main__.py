@@ -1,0 +1,143 @@
+"""
+linkup-bridge: plugin WebSockets in front of a linkup core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import sys
+
+import zmq.asyncio
+
+from bridge.server import Bridge, BridgeOptions
+from core.__main__ import add_link_options
+from linkup import __version__
+from linkup.logs import add_log_level_option, configure_logging
+
+_DEFAULTS = BridgeOptions()
+
+
+def add_bridge_options(parser: argparse.ArgumentParser) -> None:
+    """
+    The WebSocket options, shared with the ``linkup`` command.
+
+    """
+    parser.add_argument(
+        "--max-message-size",
+        type=byte_size,
+        default=_DEFAULTS.max_message_size,
+        metavar="BYTES",
+        help="largest message a client may send, e.g. 1GiB or 512MiB; the "
+        "plugin sends a whole batch of files as one message (default: 1GiB)",
+    )
+    parser.add_argument(
+        "--ping-interval",
+        type=float,
+        default=_DEFAULTS.ping_interval,
+        metavar="SECONDS",
+        help="WebSocket keepalive ping interval (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--ping-timeout",
+        type=float,
+        default=_DEFAULTS.ping_timeout,
+        metavar="SECONDS",
+        help="close a connection whose ping is not answered within this time "
+        "(default: %(default)s)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="linkup-bridge",
+        description="Serve plugin WebSockets, the status page, /status and "
+        "/metrics, relaying to a linkup core.",
+    )
+    parser.add_argument(
+        "--core",
+        default=_DEFAULTS.core,
+        help="the core's ZeroMQ endpoint (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--host",
+        default=_DEFAULTS.host,
+        help="address to listen on (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=_DEFAULTS.port,
+        help="port for WebSockets and HTTP (default: %(default)s)",
+    )
+    add_bridge_options(parser)
+    add_link_options(parser)
+    add_log_level_option(parser)
+    parser.add_argument("--version", action="version", version=__version__)
+    return parser
+
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+}
+
+
+def byte_size(text: str) -> int:
+    number = text.strip().lower()
+    unit = number.lstrip("0123456789.")
+    digits = number[: len(number) - len(unit)]
+    try:
+        value = int(float(digits) * _UNITS[unit.strip()])
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a size such as 1073741824, 512MiB or 1GiB"
+        ) from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be positive")
+    return value
+
+
+async def serve(options: BridgeOptions) -> None:
+    context = zmq.asyncio.Context()
+    bridge_task = asyncio.create_task(Bridge(context, options).run())
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, bridge_task.cancel)
+    try:
+        with contextlib.suppress(asyncio.CancelledError):
+            await bridge_task
+    finally:
+        context.destroy(linger=0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_level)
+    options = BridgeOptions(
+        core=args.core,
+        host=args.host,
+        port=args.port,
+        max_message_size=args.max_message_size,
+        heartbeat_interval=args.heartbeat_interval,
+        link_timeout=args.link_timeout,
+        ping_interval=args.ping_interval,
+        ping_timeout=args.ping_timeout,
+    )
+    try:
+        asyncio.run(serve(options))
+    except OSError as exc:
+        sys.exit(f"linkup-bridge: cannot listen on {args.host}:{args.port}: {exc}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""
+Plain HTTP on the WebSocket port: the status page, ``/status`` and friends.
+
+websockets hands every request to :func:`respond` before its handshake. A
+WebSocket upgrade, on any path (the plugin sends whatever path the user typed),
+goes on to the handshake; anything else is answered here.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import http
+from importlib import resources
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+import orjson
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from websockets.datastructures import Headers
+from websockets.http11 import Request, Response
+
+from core.errors import Unavailable
+
+if TYPE_CHECKING:
+    from bridge.server import Bridge
+
+__all__ = ["respond"]
+
+_STATUS_PAGE = resources.files("bridge").joinpath("static/index.html").read_bytes()
+
+
+async def respond(bridge: Bridge, request: Request) -> Response | None:
+    """
+    Answer a plain HTTP request, or return None to go on with a WebSocket.
+
+    """
+    if request.headers.get("Upgrade", "").lower() == "websocket":
+        return None
+
+    path = urlsplit(request.path).path
+    if path == "/status":
+        try:
+            stats = await bridge.fetch_stats()
+        except Unavailable as exc:
+            return _json(http.HTTPStatus.SERVICE_UNAVAILABLE, {"error": str(exc)})
+        return _json(http.HTTPStatus.OK, stats)
+    if path in ("/", "/index.html"):
+        return _response(http.HTTPStatus.OK, _STATUS_PAGE, "text/html; charset=utf-8")
+    if path == "/metrics":
+        return _response(
+            http.HTTPStatus.OK, generate_latest(bridge.registry), CONTENT_TYPE_LATEST
+        )
+    if path == "/healthz":
+        return _json(http.HTTPStatus.OK, {"status": "ok"})
+    if path == "/readyz":
+        if bridge.link.up.is_set():
+            return _json(http.HTTPStatus.OK, {"status": "ready"})
+        return _json(
+            http.HTTPStatus.SERVICE_UNAVAILABLE, {"status": "core unreachable"}
+        )
+    return _json(http.HTTPStatus.NOT_FOUND, {"error": f"no such page: {path}"})
+
+
+def _json(status: http.HTTPStatus, body: object) -> Response:
+    return _response(status, orjson.dumps(body), "application/json")
+
+
+def _response(status: http.HTTPStatus, body: bytes, content_type: str) -> Response:
+    headers = Headers(
+        [
+            ("Date", email.utils.formatdate(usegmt=True)),
+            ("Connection", "close"),
+            ("Content-Length", str(len(body))),
+            ("Content-Type", content_type),
+            ("Cache-Control", "no-store"),
+            # The first server let any page read /status; keep that.
+            ("Access-Control-Allow-Origin", "*"),
+        ]
+    )
+    return Response(status.value, status.phrase, headers, body)

@@ -1,0 +1,208 @@
+"""
+The bridge's end of the core-bridge link: one DEALER socket, supervised.
+
+The link is *up* between a WELCOME from the core and the moment the core is
+lost: silent for ``link_timeout`` seconds, or answering RESET because it no
+longer knows this bridge (it restarted, or gave the bridge up for dead). When
+the link goes down the bridge is told (:meth:`LinkHandler.on_link_lost`) so
+that it can close its clients, whose state the core no longer has; the link
+then says HELLO every heartbeat until a core answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import zmq
+import zmq.asyncio
+
+from core import wire
+from core.errors import ProtocolError, Unavailable
+from core.wire import Command
+
+__all__ = ["CoreLink", "LinkHandler"]
+
+logger = logging.getLogger("linkup.bridge.link")
+
+
+class LinkHandler(Protocol):
+    def on_core_message(self, envelope: wire.Envelope) -> None: ...
+
+    def on_link_lost(self, reason: str) -> None: ...
+
+
+class CoreLink:
+    """
+    Connect to the core at ``endpoint`` and keep the link alive.
+
+    Args:
+        context: asyncio ZeroMQ context; the caller owns it.
+        endpoint: The core's endpoint, e.g. ``tcp://127.0.0.1:9528``.
+        handler: Receives the core's messages and news of a lost link.
+        heartbeat_interval: Seconds between heartbeats.
+        link_timeout: Seconds of silence after which the core is lost.
+
+    """
+
+    def __init__(
+        self,
+        context: zmq.asyncio.Context,
+        endpoint: str,
+        handler: LinkHandler,
+        *,
+        heartbeat_interval: float,
+        link_timeout: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.endpoint = endpoint
+        self.instance = uuid.uuid4().hex
+        self.heartbeat_interval = heartbeat_interval
+        self.link_timeout = link_timeout
+        #: Set while the core knows this bridge.
+        self.up = asyncio.Event()
+        #: The instance id of the core, from its last WELCOME.
+        self.core_instance: str | None = None
+        self._handler = handler
+        self._clock = clock
+        self._last_heard = 0.0
+        self._last_sent = 0.0
+
+        self._socket = context.socket(zmq.DEALER)
+        self._socket.setsockopt(zmq.ROUTING_ID, self.instance.encode())
+        # Fail sends at once while no core is connected, instead of queueing
+        # them for a core that may never come; and never drop at a high-water
+        # mark while one is.
+        self._socket.setsockopt(zmq.IMMEDIATE, 1)
+        self._socket.setsockopt(zmq.SNDHWM, 0)
+        self._socket.setsockopt(zmq.RCVHWM, 0)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.connect(endpoint)
+
+    async def run(self) -> None:
+        """
+        Receive from the core and supervise the link until cancelled.
+
+        """
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self._receive_loop())
+            tasks.create_task(self._heartbeat_loop())
+
+    async def send(
+        self,
+        command: Command,
+        header: dict[str, Any] | None = None,
+        payloads: Sequence[Any] = (),
+    ) -> None:
+        """
+        Send one message to the core.
+
+        Raises:
+            Unavailable: The link is down.
+
+        """
+        if not self.up.is_set() and command is not Command.HELLO:
+            raise Unavailable("linkup core is unavailable, try again later")
+        await self._send(command, header, payloads)
+
+    async def close(self) -> None:
+        """
+        Tell the core goodbye, briefly, and close the socket.
+
+        """
+        if self.up.is_set():
+            with contextlib.suppress(Unavailable):
+                await self._send(Command.BYE)
+        self._socket.close(linger=500)
+
+    async def _send(
+        self,
+        command: Command,
+        header: dict[str, Any] | None = None,
+        payloads: Sequence[Any] = (),
+    ) -> None:
+        frames = wire.encode(command, header, payloads)
+        try:
+            await self._socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            # IMMEDIATE: no connection to a core at the moment.
+            raise Unavailable("linkup core is unavailable, try again later") from None
+        self._last_sent = self._clock()
+
+    async def _receive_loop(self) -> None:
+        while True:
+            frames = await self._socket.recv_multipart(copy=False)
+            try:
+                envelope = wire.decode(frames)
+            except ProtocolError as exc:
+                logger.warning("refused message from core: %s", exc)
+                continue
+            self._last_heard = self._clock()
+
+            match envelope.command:
+                case Command.WELCOME:
+                    self._on_welcome(envelope.header)
+                case Command.HEARTBEAT:
+                    pass
+                case Command.RESET:
+                    if self.up.is_set():
+                        self._lose(
+                            f"core reset the link: {envelope.header.get('reason')}"
+                        )
+                    await self._say_hello()
+                case _ if self.up.is_set():
+                    self._handler.on_core_message(envelope)
+                case _:
+                    logger.debug("- ignored %s while joining", envelope.command.name)
+
+    def _on_welcome(self, header: dict[str, Any]) -> None:
+        if self.up.is_set():
+            return
+        core = str(header.get("core"))
+        if self.core_instance is not None and core != self.core_instance:
+            logger.info("core restarted: instance %s, was %s", core, self.core_instance)
+        self.core_instance = core
+        self.up.set()
+        logger.info("connected to core %s instance=%s", self.endpoint, core)
+
+    async def _heartbeat_loop(self) -> None:
+        await self._say_hello()
+        while True:
+            # While joining, knock more often than the heartbeat so that a
+            # starting bridge is ready as soon as its core is.
+            joining = not self.up.is_set()
+            await asyncio.sleep(
+                min(0.1, self.heartbeat_interval)
+                if joining
+                else self.heartbeat_interval
+            )
+            now = self._clock()
+            if self.up.is_set() and now - self._last_heard >= self.link_timeout:
+                self._lose(f"core silent for {now - self._last_heard:.1f}s")
+
+            try:
+                if not self.up.is_set():
+                    await self._say_hello()
+                elif now - self._last_sent >= self.heartbeat_interval * 0.9:
+                    await self._send(Command.HEARTBEAT)
+            except Unavailable:
+                pass
+
+    async def _say_hello(self) -> None:
+        try:
+            await self._send(
+                Command.HELLO,
+                {"bridge": self.instance, "heartbeat": self.heartbeat_interval},
+            )
+        except Unavailable:
+            logger.debug("- no core at %s yet", self.endpoint)
+
+    def _lose(self, reason: str) -> None:
+        logger.warning("lost the core: %s", reason)
+        self.up.clear()
+        self._handler.on_link_lost(reason)

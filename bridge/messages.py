@@ -1,0 +1,208 @@
+"""
+Plugin JSON messages to link messages and back. Pure: no sockets.
+
+Inbound, :func:`parse_client_message` checks a plugin message against the
+schema of its ``type`` (msgspec names the offending field in its error) and
+splits it into a small JSON header for the core and one payload per file: the
+text of ``dataBase64`` as UTF-8 bytes, which no one decodes or re-encodes
+until the worker's plugin does.
+
+Outbound, :func:`encode_for_client` turns a message from the core into the
+JSON text the plugin reads, splicing a ``TASK_ASSIGNED`` payload into the
+message's bytes rather than building a string around it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+import msgspec
+import orjson
+
+from core.errors import InvalidField, InvalidJson, LinkupError, UnknownType
+
+__all__ = [
+    "Inbound",
+    "encode_error",
+    "encode_for_client",
+    "parse_client_message",
+]
+
+NonNegative = Annotated[int, msgspec.Meta(ge=0)]
+
+
+class _PluginTask(msgspec.Struct):
+    filename: str
+    mimeType: str
+    dataBase64: str
+    size: NonNegative
+
+
+class _SubmitTasks(msgspec.Struct):
+    sessionId: str
+    tasks: list[_PluginTask]
+
+
+class _TaskCompleted(msgspec.Struct):
+    taskId: str
+    resultUrl: str
+
+
+class _TaskFailed(msgspec.Struct):
+    taskId: str
+    error: str
+
+
+class _TaskWaiting(msgspec.Struct):
+    taskId: str
+    # Kept as sent (int or float): they go back out to the master unchanged.
+    waitTime: int | float
+    waitStart: int | float
+    # The core uses its own copy of the filename; the plugin's is optional.
+    filename: str = ""
+
+
+class _NoFields(msgspec.Struct):
+    pass
+
+
+# Every type a client may send, with the schema its fields must match.
+# Unknown extra fields are ignored, so newer plugins stay welcome.
+_SCHEMAS: dict[str, type[msgspec.Struct]] = {
+    "WORKER_REGISTER": _NoFields,
+    "WORKER_HEARTBEAT": _NoFields,
+    "CREATE_SESSION": _NoFields,
+    "GET_STATS": _NoFields,
+    "SUBMIT_TASKS": _SubmitTasks,
+    "TASK_COMPLETED": _TaskCompleted,
+    "TASK_FAILED": _TaskFailed,
+    "TASK_WAITING": _TaskWaiting,
+}
+
+KNOWN_TYPES = frozenset(_SCHEMAS)
+
+# Bytes that a JSON string cannot hold as they are. Base64 never has them, so
+# payloads can be spliced into JSON output verbatim; anything else is escaped
+# once, on the way in.
+_JSON_UNSAFE = b'"\\' + bytes(range(0x20))
+
+
+@dataclass(slots=True)
+class Inbound:
+    """
+    A validated plugin message, ready for the link.
+
+    """
+
+    type: str
+    header: dict[str, Any]
+    payloads: list[bytes] = field(default_factory=list)
+    #: Size of the message as received, in bytes.
+    size: int = 0
+
+    def __repr__(self) -> str:
+        sizes = [len(payload) for payload in self.payloads]
+        return f"Inbound({self.type}, size={self.size}, payload_sizes={sizes})"
+
+
+def parse_client_message(raw: bytes) -> Inbound:
+    """
+    Validate one message from a plugin and split off its payloads.
+
+    Pass the received bytes directly: this function drops its reference to
+    ``raw`` as soon as it is parsed, so that a batch of several hundred MB is
+    not held twice.
+
+    Raises:
+        InvalidJson: The message is not a JSON object.
+        UnknownType: ``type`` is not a message clients may send.
+        InvalidField: A field is missing or has the wrong type.
+
+    """
+    size = len(raw)
+    try:
+        document = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidJson(f"message is not valid JSON: {exc}") from None
+    del raw
+
+    if not isinstance(document, dict):
+        raise InvalidJson("message is not a JSON object")
+    message_type = document.get("type")
+    if not isinstance(message_type, str):
+        raise InvalidField("message has no string field `type`")
+    schema = _SCHEMAS.get(message_type)
+    if schema is None:
+        raise UnknownType(message_type)
+    try:
+        message = msgspec.convert(document, schema)
+    except msgspec.ValidationError as exc:
+        raise InvalidField(f"{message_type}: {exc}") from None
+    del document
+
+    if isinstance(message, _SubmitTasks):
+        return _split_submit_tasks(message, size)
+    header = msgspec.structs.asdict(message)
+    header["type"] = message_type
+    return Inbound(message_type, header, size=size)
+
+
+def _split_submit_tasks(message: _SubmitTasks, size: int) -> Inbound:
+    tasks = []
+    payloads = []
+    for index, task in enumerate(message.tasks):
+        payloads.append(_json_string_body(task.dataBase64, index))
+        # Let go of the text as soon as its bytes exist: one copy at a time.
+        task.dataBase64 = ""
+        tasks.append(
+            {"filename": task.filename, "mimeType": task.mimeType, "size": task.size}
+        )
+    header = {"type": "SUBMIT_TASKS", "sessionId": message.sessionId, "tasks": tasks}
+    return Inbound("SUBMIT_TASKS", header, payloads, size)
+
+
+def _json_string_body(text: str, index: int) -> bytes:
+    # The bytes that go between the quotes of a JSON string holding `text`.
+    try:
+        body = text.encode()
+    except UnicodeEncodeError:
+        raise InvalidField(
+            f"SUBMIT_TASKS: tasks[{index}].dataBase64 is not valid Unicode"
+        ) from None
+    if body.translate(None, _JSON_UNSAFE) is body:
+        return body
+    return orjson.dumps(text)[1:-1]
+
+
+def encode_for_client(message: dict[str, Any], payload: Any = None) -> bytes:
+    """
+    The JSON text of a message from the core, with its payload spliced in.
+
+    A payload belongs in ``message["task"]["dataBase64"]``; it is the JSON
+    string body made by :func:`parse_client_message`.
+
+    """
+    if payload is None:
+        return orjson.dumps(message)
+
+    others = {key: value for key, value in message.items() if key != "task"}
+    task = orjson.dumps(message["task"])
+    return b"".join(
+        (
+            orjson.dumps(others)[:-1],
+            b',"task":' if others else b'"task":',
+            task[:-1],
+            b',"dataBase64":"' if len(task) > 2 else b'"dataBase64":"',
+            payload,
+            b'"}}',
+        )
+    )
+
+
+def encode_error(error: LinkupError) -> bytes:
+    """
+    The ``ERROR`` message for a refused request.
+
+    """
+    return orjson.dumps({"type": "ERROR", "code": error.code, "message": str(error)})

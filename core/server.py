@@ -1,0 +1,381 @@
+"""
+linkup-core's I/O shell: one ZeroMQ ROUTER socket driving the scheduler.
+
+The loop is synchronous on purpose: the core owns a single socket and a few
+timers, so ``zmq.Poller`` is all the event loop it needs. Each turn it waits
+for a link message or the next deadline, feeds the scheduler, and flushes the
+scheduler's output in one place (:meth:`CoreServer._flush`).
+
+Link supervision: every bridge says HELLO first and is answered WELCOME; both
+sides then send HEARTBEAT every ``heartbeat_interval`` seconds, and any message
+counts as a sign of life. A bridge silent for ``link_timeout`` seconds is
+declared lost and its clients are treated as disconnected. A message from a
+bridge the core does not know is answered with RESET.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+from core import wire
+from core.errors import (
+    INTERNAL_ERROR,
+    InvalidField,
+    LinkupError,
+    ProtocolError,
+    UnknownType,
+)
+from core.model import Broadcast, ClientRef, Disconnect, Outgoing, Send, TaskSpec
+from core.scheduler import Scheduler
+from core.wire import Command
+
+__all__ = ["DEFAULT_BIND", "CoreServer"]
+
+logger = logging.getLogger("linkup.core.server")
+
+# Loopback by default: the link carries file data unencrypted, so exposing it
+# beyond the machine must be a deliberate choice.
+DEFAULT_BIND = "tcp://127.0.0.1:9528"
+
+# One second between heartbeats and three missed ones, as the Paranoid Pirate
+# pattern suggests for a LAN: a lost peer is noticed within a few seconds.
+DEFAULT_HEARTBEAT_INTERVAL = 1.0
+DEFAULT_LINK_TIMEOUT = 3.0
+
+# WebSocket close code for clients the core drops (4000-4999: private use).
+CLOSE_DROPPED = 4000
+
+
+@dataclass(slots=True)
+class _Bridge:
+    routing_id: bytes
+    instance: str
+    last_heard: float
+    last_sent: float
+
+
+class CoreServer:
+    """
+    Serve bridges on ``bind`` and run ``scheduler`` until :meth:`stop`.
+
+    Args:
+        context: The ZeroMQ context to make the socket in; the caller owns it.
+        bind: Endpoint to bind the ROUTER socket to.
+        scheduler: The state machine to drive.
+        instance: This run's id, announced to bridges so that they notice a
+            restart; random by default.
+        heartbeat_interval: Seconds between heartbeats to each bridge.
+        link_timeout: Seconds of silence after which a bridge is lost.
+        clock: Monotonic clock, in seconds.
+
+    """
+
+    def __init__(
+        self,
+        context: zmq.Context[Any],
+        bind: str,
+        scheduler: Scheduler,
+        *,
+        instance: str | None = None,
+        heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
+        link_timeout: float = DEFAULT_LINK_TIMEOUT,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.scheduler = scheduler
+        self.heartbeat_interval = heartbeat_interval
+        self.link_timeout = link_timeout
+        self.instance = instance or secrets.token_hex(3)
+        self._clock = clock
+        self._bridges: dict[bytes, _Bridge] = {}
+        self._stopping = False
+
+        self._socket = context.socket(zmq.ROUTER)
+        # Unroutable messages raise instead of vanishing, and nothing is
+        # dropped at a high-water mark.
+        self._socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self._socket.setsockopt(zmq.SNDHWM, 0)
+        self._socket.setsockopt(zmq.RCVHWM, 0)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.bind(bind)
+        self.endpoint: str = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._poller = zmq.Poller()
+        self._poller.register(self._socket, zmq.POLLIN)
+
+    def run(self) -> None:
+        """
+        Serve until :meth:`stop` is called or a signal handler raises.
+
+        """
+        logger.info("core listening on %s instance=%s", self.endpoint, self.instance)
+        while not self._stopping:
+            timeout = self._time_until_next_timer()
+            if self._poller.poll(round(timeout * 1000)):
+                # Drain everything that is waiting before running timers.
+                while self._socket.poll(0, zmq.POLLIN):
+                    frames = self._socket.recv_multipart(copy=False)
+                    self._on_frames(frames)
+                    self._flush()
+            self._run_timers()
+            self._flush()
+
+    def stop(self) -> None:
+        """
+        Make :meth:`run` return after its current turn.
+
+        """
+        self._stopping = True
+
+    def close(self) -> None:
+        self._socket.close(linger=0)
+        logger.info("core stopped")
+
+    # Timers.
+
+    def _time_until_next_timer(self) -> float:
+        now = self._clock()
+        deadlines = [now + self.heartbeat_interval]
+        deadlines.extend(
+            b.last_sent + self.heartbeat_interval for b in self._bridges.values()
+        )
+        deadlines.extend(
+            b.last_heard + self.link_timeout for b in self._bridges.values()
+        )
+        scheduler_deadline = self.scheduler.next_deadline()
+        if scheduler_deadline is not None:
+            deadlines.append(scheduler_deadline)
+        return max(0.0, min(deadlines) - now)
+
+    def _run_timers(self) -> None:
+        now = self._clock()
+        for bridge in list(self._bridges.values()):
+            if now - bridge.last_heard >= self.link_timeout:
+                logger.warning(
+                    "bridge lost after %.1fs of silence bridge=%s",
+                    now - bridge.last_heard,
+                    bridge.instance,
+                )
+                self._forget_bridge(bridge.routing_id, now)
+            elif now - bridge.last_sent >= self.heartbeat_interval:
+                self._send(bridge.routing_id, Command.HEARTBEAT)
+
+        deadline = self.scheduler.next_deadline()
+        if deadline is not None and now >= deadline:
+            self.scheduler.expire(now)
+
+    # Input.
+
+    def _on_frames(self, frames: Sequence[zmq.Frame]) -> None:
+        routing_id = frames[0].bytes
+        try:
+            envelope = wire.decode(frames[1:])
+        except ProtocolError as exc:
+            logger.warning("refused link message: %s", exc)
+            return
+
+        now = self._clock()
+        bridge = self._bridges.get(routing_id)
+        if envelope.command is Command.HELLO:
+            self._on_hello(routing_id, envelope.header, now)
+            return
+        if bridge is None:
+            # The core restarted or declared this bridge lost: it must start
+            # over, since the core has forgotten its clients.
+            logger.info("message from unknown bridge, sent RESET")
+            self._send(routing_id, Command.RESET, {"reason": "unknown bridge"})
+            return
+        bridge.last_heard = now
+
+        match envelope.command:
+            case Command.HEARTBEAT:
+                pass
+            case Command.CLIENT_MESSAGE:
+                client = (routing_id, int(envelope.header["client"]))
+                self._on_client_message(client, envelope, now)
+            case Command.CLIENT_GONE:
+                client = (routing_id, int(envelope.header["client"]))
+                logger.debug("< client gone client=%s", client[1])
+                self.scheduler.client_gone(client, now)
+            case Command.STATS_REQUEST:
+                self._send(
+                    routing_id,
+                    Command.STATS_REPLY,
+                    {
+                        "request": envelope.header.get("request"),
+                        "stats": self.scheduler.statistics(),
+                    },
+                )
+            case Command.BYE:
+                logger.info("bridge said goodbye bridge=%s", bridge.instance)
+                self._forget_bridge(routing_id, now)
+            case _:
+                logger.warning("unexpected link command %s", envelope.command.name)
+
+    def _on_hello(self, routing_id: bytes, header: dict[str, Any], now: float) -> None:
+        instance = str(header.get("bridge", routing_id.hex()))
+        if routing_id in self._bridges:
+            # A bridge says HELLO again only after it closed its clients.
+            self._forget_bridge(routing_id, now)
+        self._bridges[routing_id] = _Bridge(routing_id, instance, now, now)
+        logger.info("bridge joined bridge=%s", instance)
+        self._send(
+            routing_id,
+            Command.WELCOME,
+            {"core": self.instance, "heartbeat": self.heartbeat_interval},
+        )
+
+    def _on_client_message(
+        self, client: ClientRef, envelope: wire.Envelope, now: float
+    ) -> None:
+        message = envelope.header.get("message")
+        message_type = message.get("type") if isinstance(message, dict) else None
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "< %s client=%s payload_bytes=%d",
+                message_type,
+                client[1],
+                sum(len(p) for p in envelope.payloads),
+            )
+        try:
+            if not isinstance(message, dict) or not isinstance(message_type, str):
+                raise ProtocolError("link CLIENT_MESSAGE without a message type")
+            self.scheduler.seen(client, now)
+            self._dispatch(client, message_type, message, envelope.payloads, now)
+        except LinkupError as exc:
+            logger.warning(
+                "refused %s client=%s: %s (%s)", message_type, client[1], exc, exc.code
+            )
+            self._reply_error(client, exc.code, str(exc))
+        except Exception:
+            logger.error("bug while handling %s", message_type, exc_info=True)
+            self._reply_error(client, INTERNAL_ERROR, "internal error")
+
+    def _dispatch(
+        self,
+        client: ClientRef,
+        message_type: str,
+        message: dict[str, Any],
+        payloads: Sequence[Any],
+        now: float,
+    ) -> None:
+        scheduler = self.scheduler
+        match message_type:
+            case "WORKER_REGISTER":
+                scheduler.register_worker(client, now)
+            case "WORKER_HEARTBEAT":
+                scheduler.heartbeat(client, now)
+            case "CREATE_SESSION":
+                scheduler.create_session(client, now)
+            case "SUBMIT_TASKS":
+                tasks = message["tasks"]
+                if len(tasks) != len(payloads):
+                    raise InvalidField(
+                        f"{len(tasks)} tasks arrived with {len(payloads)} payloads"
+                    )
+                specs = [
+                    TaskSpec(task["filename"], task["mimeType"], task["size"], payload)
+                    for task, payload in zip(tasks, payloads, strict=True)
+                ]
+                scheduler.submit_tasks(client, message["sessionId"], specs, now)
+            case "TASK_COMPLETED":
+                scheduler.complete_task(
+                    client, message["taskId"], message["resultUrl"], now
+                )
+            case "TASK_FAILED":
+                scheduler.fail_task(client, message["taskId"], message["error"], now)
+            case "TASK_WAITING":
+                scheduler.report_waiting(
+                    client,
+                    message["taskId"],
+                    message["waitTime"],
+                    message["waitStart"],
+                    now,
+                )
+            case "GET_STATS":
+                scheduler.request_stats(client)
+            case _:
+                raise UnknownType(message_type)
+
+    def _forget_bridge(self, routing_id: bytes, now: float) -> None:
+        del self._bridges[routing_id]
+        self.scheduler.bridge_gone(routing_id, now)
+
+    # Output.
+
+    def _flush(self) -> None:
+        # The one place where scheduler output reaches the socket.
+        # Sending can lose a bridge, which makes more output: loop until done.
+        while outgoing := self.scheduler.messages_to_send():
+            self._deliver(outgoing)
+
+    def _deliver(self, outgoing: list[Outgoing]) -> None:
+        for item in outgoing:
+            if isinstance(item, Send):
+                bridge_id, number = item.client
+                payloads = () if item.payload is None else (item.payload,)
+                if logger.isEnabledFor(logging.DEBUG):
+                    logger.debug(
+                        "> %s client=%s payload_bytes=%d",
+                        item.message.get("type"),
+                        number,
+                        sum(len(p) for p in payloads),
+                    )
+                self._send(
+                    bridge_id,
+                    Command.DELIVER,
+                    {"client": number, "message": item.message},
+                    payloads,
+                )
+            elif isinstance(item, Broadcast):
+                for bridge_id in list(self._bridges):
+                    self._send(bridge_id, Command.BROADCAST, {"message": item.message})
+            elif isinstance(item, Disconnect):
+                bridge_id, number = item.client
+                self._send(
+                    bridge_id,
+                    Command.CLOSE_CLIENT,
+                    {"client": number, "code": CLOSE_DROPPED, "reason": item.reason},
+                )
+
+    def _reply_error(self, client: ClientRef, code: str, message: str) -> None:
+        bridge_id, number = client
+        self._send(
+            bridge_id,
+            Command.DELIVER,
+            {
+                "client": number,
+                "message": {"type": "ERROR", "code": code, "message": message},
+            },
+        )
+
+    def _send(
+        self,
+        routing_id: bytes,
+        command: Command,
+        header: dict[str, Any] | None = None,
+        payloads: Sequence[Any] = (),
+    ) -> None:
+        frames = [routing_id, *wire.encode(command, header, payloads)]
+        try:
+            self._socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+        except zmq.ZMQError as exc:
+            # With ROUTER_MANDATORY and no high-water mark, a send fails only
+            # when the bridge has gone away: forget it and its clients now.
+            bridge = self._bridges.get(routing_id)
+            if bridge is None:
+                return
+            logger.warning(
+                "bridge unreachable (%s), dropped bridge=%s", exc, bridge.instance
+            )
+            self._forget_bridge(routing_id, self._clock())
+            return
+
+        bridge = self._bridges.get(routing_id)
+        if bridge is not None:
+            bridge.last_sent = self._clock()

@@ -1,0 +1,156 @@
+"""
+The frame format of the link between linkup-core and its bridges.
+
+Every ZeroMQ message on the link is a multipart message::
+
+    PROTOCOL | COMMAND | HEADER | PAYLOAD ...
+
+* ``PROTOCOL`` is the version tag ``b"LINKUP1"``. A peer that sees another tag
+  refuses the message: the two ends must be upgraded together.
+* ``COMMAND`` is one byte, one of :class:`Command`.
+* ``HEADER`` is a JSON object (UTF-8, encoded with orjson).
+* ``PAYLOAD`` frames carry file data, each in its own frame, exactly as the
+  plugin sent it (the text of ``dataBase64``): never inside the JSON header,
+  never re-encoded. For ``SUBMIT_TASKS`` the i-th payload belongs to the i-th
+  entry of ``tasks``; for ``TASK_ASSIGNED`` the single payload is the task's.
+
+The core's ROUTER socket sees one more frame in front, the bridge's routing
+id; :mod:`core.server` strips it before calling :func:`decode`.
+
+This module is pure: no sockets, no clock. The bridge imports it as well.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from core.errors import ProtocolError
+
+__all__ = [
+    "PROTOCOL",
+    "Command",
+    "Envelope",
+    "Payload",
+    "decode",
+    "encode",
+]
+
+# Bumped whenever a command or header field changes meaning.
+PROTOCOL = b"LINKUP1"
+
+# Anything with the buffer protocol and a length that ZeroMQ can send without a
+# copy: bytes in the bridge, zmq.Frame in the core. Typed loosely because
+# zmq.Frame declares neither to the type checker.
+Payload = Any
+
+
+class Command(enum.IntEnum):
+    """
+    One-byte commands of the link. The direction is part of the contract.
+
+    """
+
+    #: bridge → core: ``{"bridge": id, "heartbeat": seconds}``; (re)join.
+    HELLO = 1
+    #: core → bridge: ``{"core": id, "heartbeat": seconds}``; answer to HELLO.
+    WELCOME = 2
+    #: both ways: ``{}``; sent when the link has been quiet for an interval.
+    HEARTBEAT = 3
+    #: bridge → core: ``{"client": n, "message": {...}}`` + payloads.
+    CLIENT_MESSAGE = 4
+    #: bridge → core: ``{"client": n}``; the WebSocket closed.
+    CLIENT_GONE = 5
+    #: core → bridge: ``{"client": n, "message": {...}}`` + payloads.
+    DELIVER = 6
+    #: core → bridge: ``{"message": {...}}``; send to every client.
+    BROADCAST = 7
+    #: core → bridge: ``{"client": n, "code": int, "reason": str}``.
+    CLOSE_CLIENT = 8
+    #: bridge → core: ``{"request": n}``; ask for the statistics.
+    STATS_REQUEST = 9
+    #: core → bridge: ``{"request": n, "stats": {...}}``.
+    STATS_REPLY = 10
+    #: core → bridge: ``{"reason": str}``; the core does not know this bridge
+    #: (it restarted, or declared the bridge dead). The bridge must close its
+    #: clients, whose state the core no longer has, and send HELLO again.
+    RESET = 11
+    #: bridge → core: ``{}``; the bridge is shutting down.
+    BYE = 12
+
+
+@dataclass(slots=True)
+class Envelope:
+    """
+    One decoded link message.
+
+    """
+
+    command: Command
+    header: dict[str, Any] = field(default_factory=dict)
+    payloads: Sequence[Payload] = ()
+
+    def __repr__(self) -> str:
+        # Never show payload contents, only their sizes.
+        sizes = [len(payload) for payload in self.payloads]
+        return f"Envelope({self.command.name}, {self.header!r}, payload_sizes={sizes})"
+
+
+_COMMAND_FRAMES = {command: bytes([command]) for command in Command}
+
+
+def encode(
+    command: Command,
+    header: dict[str, Any] | None = None,
+    payloads: Sequence[Payload] = (),
+) -> list[Payload]:
+    """
+    Build the frames of one link message, ready for ``send_multipart``.
+
+    """
+    return [
+        PROTOCOL,
+        _COMMAND_FRAMES[command],
+        orjson.dumps(header or {}),
+        *payloads,
+    ]
+
+
+def decode(frames: Sequence[Payload]) -> Envelope:
+    """
+    Parse the frames of one link message.
+
+    Raises:
+        ProtocolError: The frames are not a link message of this version.
+
+    """
+    if len(frames) < 3:
+        raise ProtocolError(f"link message has {len(frames)} frames, expected 3+")
+
+    protocol = bytes(frames[0])
+    if protocol != PROTOCOL:
+        raise ProtocolError(
+            f"link protocol {protocol[:16]!r} is not {PROTOCOL!r}: "
+            "core and bridge must run the same linkup version"
+        )
+
+    command_frame = bytes(frames[1])
+    try:
+        command = Command(command_frame[0]) if len(command_frame) == 1 else None
+    except ValueError:
+        command = None
+    if command is None:
+        raise ProtocolError(f"unknown link command {command_frame[:8]!r}")
+
+    try:
+        header = orjson.loads(memoryview(frames[2]))
+    except orjson.JSONDecodeError as exc:
+        raise ProtocolError(f"link header is not JSON: {exc}") from exc
+    if not isinstance(header, dict):
+        raise ProtocolError("link header is not a JSON object")
+
+    return Envelope(command, header, frames[3:])

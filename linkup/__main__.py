@@ -1,0 +1,243 @@
+"""
+linkup: run a core and a bridge together, as one command.
+
+The two run as child processes (so that they use two CPU cores) linked over a
+private IPC socket. This process only supervises them: it prints where to
+connect once the bridge is ready, stops both on Ctrl-C or SIGTERM, and stops
+both if either dies. The children also ask the kernel to end them should this
+process die without cleaning up, so that no orphan keeps the port.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import ipaddress
+import logging
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from types import FrameType
+
+import psutil
+
+from bridge.__main__ import add_bridge_options
+from core.__main__ import add_link_options, add_scheduler_options
+from linkup import __version__
+from linkup.logs import add_log_level_option, configure_logging
+
+logger = logging.getLogger("linkup")
+
+DEFAULT_PORT = 9527
+READY_TIMEOUT = 20.0
+STOP_TIMEOUT = 5.0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="linkup",
+        description="Run a linkup core and bridge together. Point the plugin's "
+        "联动上传 setting at the WebSocket URL this prints.",
+    )
+    parser.add_argument(
+        "port_argument",
+        nargs="?",
+        type=int,
+        metavar="PORT",
+        help=f"port for WebSockets and the status page (default: {DEFAULT_PORT})",
+    )
+    parser.add_argument("--port", type=int, help="same as PORT")
+    parser.add_argument(
+        "--host", default="0.0.0.0", help="address to listen on (default: %(default)s)"
+    )
+    add_scheduler_options(parser)
+    add_bridge_options(parser)
+    add_link_options(parser)
+    add_log_level_option(parser)
+    parser.add_argument("--version", action="version", version=__version__)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.port_argument and args.port and args.port_argument != args.port:
+        parser.error("PORT and --port disagree; give one")
+    port = args.port_argument or args.port or DEFAULT_PORT
+    if not 0 < port < 65536:
+        parser.error(f"port {port} is out of range")
+    configure_logging(args.log_level)
+
+    stop_requested = False
+
+    def request_stop(signum: int, frame: FrameType | None) -> None:
+        nonlocal stop_requested
+        stop_requested = True
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+
+    runtime_dir = Path(tempfile.mkdtemp(prefix="linkup-"))
+    endpoint = f"ipc://{runtime_dir / 'core.sock'}"
+    common = [
+        "--log-level",
+        args.log_level,
+        "--heartbeat-interval",
+        str(args.heartbeat_interval),
+        "--link-timeout",
+        str(args.link_timeout),
+    ]
+    children: dict[str, subprocess.Popen[bytes]] = {}
+    try:
+        children["core"] = _spawn(
+            "core",
+            "--bind",
+            endpoint,
+            "--worker-timeout",
+            str(args.worker_timeout),
+            "--max-attempts",
+            str(args.max_attempts),
+            *common,
+        )
+        children["bridge"] = _spawn(
+            "bridge",
+            "--core",
+            endpoint,
+            "--host",
+            args.host,
+            "--port",
+            str(port),
+            "--max-message-size",
+            str(args.max_message_size),
+            "--ping-interval",
+            str(args.ping_interval),
+            "--ping-timeout",
+            str(args.ping_timeout),
+            *common,
+        )
+
+        if not _wait_until_ready(args.host, port, children, lambda: stop_requested):
+            return 0 if stop_requested else 1
+        print(_banner(args.host, port), flush=True)
+
+        while not stop_requested:
+            for name, child in children.items():
+                if child.poll() is not None:
+                    logger.warning("%s exited with status %s", name, child.returncode)
+                    return 1
+            time.sleep(0.2)
+        return 0
+    finally:
+        _stop(children)
+        shutil.rmtree(runtime_dir, ignore_errors=True)
+        if stop_requested:
+            print("linkup stopped / 已停止", flush=True)
+
+
+def _spawn(module: str, *arguments: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", module, *arguments], preexec_fn=_die_with_parent
+    )
+
+
+def _die_with_parent() -> None:
+    # Linux: deliver SIGTERM to the child when this process dies, even by
+    # SIGKILL. Elsewhere the children outlive a killed parent.
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+def _wait_until_ready(
+    host: str,
+    port: int,
+    children: dict[str, subprocess.Popen[bytes]],
+    stop_requested: object,
+) -> bool:
+    probe_host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    if ":" in probe_host:
+        probe_host = f"[{'::1' if probe_host == '::' else probe_host}]"
+    url = f"http://{probe_host}:{port}/readyz"
+    deadline = time.monotonic() + READY_TIMEOUT
+    while time.monotonic() < deadline:
+        if callable(stop_requested) and stop_requested():
+            return False
+        for name, child in children.items():
+            if child.poll() is not None:
+                logger.warning("%s failed to start (status %s)", name, child.returncode)
+                return False
+        with (
+            contextlib.suppress(OSError, urllib.error.URLError),
+            urllib.request.urlopen(url, timeout=1) as response,
+        ):
+            if response.status == 200:
+                return True
+        time.sleep(0.1)
+    logger.warning("linkup did not become ready within %.0fs", READY_TIMEOUT)
+    return False
+
+
+def _stop(children: dict[str, subprocess.Popen[bytes]]) -> None:
+    for child in children.values():
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + STOP_TIMEOUT
+    for name, child in children.items():
+        try:
+            child.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            logger.warning("%s did not stop in %.0fs, killed", name, STOP_TIMEOUT)
+            child.kill()
+            child.wait()
+
+
+def lan_addresses() -> list[str]:
+    """
+    This machine's IPv4 addresses that other machines may reach.
+
+    """
+    found = []
+    for addresses in psutil.net_if_addrs().values():
+        for address in addresses:
+            if address.family != socket.AF_INET:
+                continue
+            ip = ipaddress.ip_address(address.address)
+            if not (ip.is_loopback or ip.is_link_local):
+                found.append(address.address)
+    return sorted(set(found))
+
+
+def _banner(host: str, port: int) -> str:
+    if host in ("0.0.0.0", "", "::"):
+        local = "localhost"
+        others = lan_addresses()
+    else:
+        local = host
+        others = []
+    lines = [
+        f"linkup {__version__} is running / 联动上传服务器已启动",
+        "",
+        f"  WebSocket / 插件服务器地址:  ws://{local}:{port}",
+        f"  Status page / 状态页面:      http://{local}:{port}",
+    ]
+    if others:
+        lines += [
+            "",
+            "  On the LAN, type one of these into the plugin / 局域网内请在插件中填写:",
+        ]
+        lines += [f"    ws://{address}:{port}" for address in others]
+    lines += ["", "Press Ctrl-C to stop / 按 Ctrl-C 停止"]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,3 @@
+"""
+Prometheus metrics of linkup's processes.
+"""
