@@ -1,0 +1,119 @@
+"""
+Fixtures that start real linkup processes on free ports.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.harness import Process, free_port, wait_ready
+
+
+class Deployment:
+    """
+    Processes started for one test; all stopped at teardown.
+
+    """
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.processes: list[Process] = []
+
+    def start(self, name: str, *argv: str) -> Process:
+        process = Process(name, argv, self.log_dir)
+        self.processes.append(process)
+        return process
+
+    def linkup(self, *options: str) -> tuple[Process, int]:
+        """
+        Start ``linkup PORT`` on loopback; return it once ready, and its port.
+
+        """
+        port = free_port()
+        process = self.start(
+            f"linkup-{port}",
+            "-m",
+            "linkup",
+            str(port),
+            "--host",
+            "127.0.0.1",
+            "--log-level",
+            "DEBUG",
+            *options,
+        )
+        wait_ready(port, process)
+        return process, port
+
+    def core(self, *options: str) -> tuple[Process, str]:
+        endpoint = f"tcp://127.0.0.1:{free_port()}"
+        process = self.start(
+            f"core-{len(self.processes)}",
+            "-m",
+            "core",
+            "--bind",
+            endpoint,
+            "--log-level",
+            "DEBUG",
+            *options,
+        )
+        return process, endpoint
+
+    def bridge(
+        self, core: str, *options: str, wait: bool = True
+    ) -> tuple[Process, int]:
+        port = free_port()
+        process = self.start(
+            f"bridge-{port}",
+            "-m",
+            "bridge",
+            "--core",
+            core,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "DEBUG",
+            *options,
+        )
+        if wait:
+            wait_ready(port, process)
+        return process, port
+
+    def stop_all(self) -> None:
+        for process in reversed(self.processes):
+            process.stop()
+
+
+@pytest.fixture
+def deployment(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Deployment]:
+    deployment = Deployment(tmp_path)
+    yield deployment
+    deployment.stop_all()
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        for process in deployment.processes:
+            print(f"----- {process.name} log -----\n{process.log()}")
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Iterator[None]:
+    # Keep each phase's report on the test item, so that fixtures can print
+    # the processes' logs when the test itself failed.
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report
+
+
+@pytest.fixture
+def linkup_url(deployment: Deployment) -> Callable[..., str]:
+    def start(*options: str) -> str:
+        _, port = deployment.linkup(*options)
+        return f"ws://127.0.0.1:{port}"
+
+    return start

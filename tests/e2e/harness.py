@@ -1,0 +1,209 @@
+"""
+Real linkup processes and plugin-like WebSocket clients for end-to-end tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from websockets.asyncio.client import ClientConnection, connect
+
+# Every wait in the end-to-end tests is a multiple of this, so that a slow CI
+# machine can be given more time without touching the tests.
+UNIT = float(os.environ.get("LINKUP_TEST_TIME_UNIT", "1.0"))
+TIMEOUT = 10 * UNIT
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def http_get(url: str, timeout: float = TIMEOUT) -> tuple[int, dict[str, str], bytes]:
+    """
+    GET ``url``; return status, headers and body, whatever the status.
+
+    """
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, dict(error.headers), error.read()
+
+
+class Process:
+    """
+    One linkup command running as a child process, its stderr kept in a file.
+
+    """
+
+    def __init__(self, name: str, argv: Sequence[str], log_dir: Path) -> None:
+        self.name = name
+        self.argv = list(argv)
+        self.log_path = log_dir / f"{name}.log"
+        self._log = self.log_path.open("wb")
+        self.popen = subprocess.Popen(
+            [sys.executable, *self.argv],
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def signal(self, signum: int) -> None:
+        self.popen.send_signal(signum)
+
+    def kill9(self) -> None:
+        self.popen.send_signal(signal.SIGKILL)
+        self.popen.wait(TIMEOUT)
+
+    def stop(self, timeout: float = TIMEOUT) -> int:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        self._log.close()
+        if self.popen.stdout is not None:
+            self.popen.stdout.close()
+        return self.popen.returncode
+
+    def wait_for_log(self, text: str, timeout: float = TIMEOUT) -> None:
+        """
+        Wait until ``text`` appears in this process's log.
+
+        """
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if text in self.log():
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"{text!r} not in {self.name} log:\n{self.log()}")
+
+
+def wait_ready(port: int, process: Process, timeout: float = TIMEOUT) -> None:
+    """
+    Wait until the bridge on ``port`` answers /readyz with 200.
+
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not process.alive():
+            raise AssertionError(f"{process.name} exited early:\n{process.log()}")
+        with contextlib.suppress(OSError):
+            status, _, _ = http_get(f"http://127.0.0.1:{port}/readyz", timeout=1)
+            if status == 200:
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"bridge on {port} not ready:\n{process.log()}")
+
+
+class Plugin:
+    """
+    A WebSocket client speaking the plugin's JSON protocol.
+
+    Messages that a test did not ask for yet are kept, in order, so that a
+    test can wait for one type while others arrive.
+
+    """
+
+    def __init__(self, websocket: ClientConnection) -> None:
+        self.websocket = websocket
+        self.backlog: list[dict[str, Any]] = []
+
+    @classmethod
+    async def connect(cls, url: str) -> Plugin:
+        websocket = await connect(url, max_size=None, compression=None)
+        return cls(websocket)
+
+    async def send(self, message_type: str, **fields: Any) -> None:
+        await self.websocket.send(json.dumps({"type": message_type, **fields}))
+
+    async def send_raw(self, data: str | bytes) -> None:
+        await self.websocket.send(data)
+
+    async def receive(self, timeout: float = TIMEOUT) -> dict[str, Any]:
+        if self.backlog:
+            return self.backlog.pop(0)
+        raw = await asyncio.wait_for(self.websocket.recv(), timeout)
+        return json.loads(raw)
+
+    async def expect(
+        self, *message_types: str, timeout: float = TIMEOUT
+    ) -> dict[str, Any]:
+        """
+        Return the first message of one of ``message_types``, keeping others.
+
+        """
+        for index, message in enumerate(self.backlog):
+            if message["type"] in message_types:
+                return self.backlog.pop(index)
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                raise TimeoutError(
+                    f"no {message_types} within {timeout}s; got {self.backlog}"
+                )
+            try:
+                raw = await asyncio.wait_for(self.websocket.recv(), remaining)
+            except TimeoutError:
+                raise TimeoutError(
+                    f"no {message_types} within {timeout}s; got {self.backlog}"
+                ) from None
+            message = json.loads(raw)
+            if message["type"] in message_types:
+                return message
+            self.backlog.append(message)
+
+    async def expect_nothing(self, message_type: str, within: float) -> None:
+        """
+        Assert that no ``message_type`` arrives within ``within`` seconds.
+
+        Use sparingly: it waits the whole time by design.
+
+        """
+        with contextlib.suppress(TimeoutError):
+            message = await self.expect(message_type, timeout=within)
+            raise AssertionError(f"unexpected {message}")
+
+    async def close(self) -> None:
+        await self.websocket.close()
+
+
+async def register_worker(url: str) -> tuple[Plugin, str]:
+    worker = await Plugin.connect(url)
+    await worker.send("WORKER_REGISTER")
+    registered = await worker.expect("WORKER_REGISTERED")
+    return worker, registered["workerId"]
+
+
+async def create_session(url: str) -> tuple[Plugin, str, dict[str, Any]]:
+    master = await Plugin.connect(url)
+    await master.send("CREATE_SESSION")
+    created = await master.expect("SESSION_CREATED")
+    return master, created["sessionId"], created["serverStats"]
