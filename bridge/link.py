@@ -156,7 +156,14 @@ class CoreLink:
                         )
                     await self._say_hello()
                 case _ if self.up.is_set():
-                    self._handler.on_core_message(envelope)
+                    try:
+                        self._handler.on_core_message(envelope)
+                    except Exception:
+                        logger.error(
+                            "bug while handling %s from core",
+                            envelope.command.name,
+                            exc_info=True,
+                        )
                 case _:
                     logger.debug("- ignored %s while joining", envelope.command.name)
 

@@ -35,7 +35,13 @@ from bridge.messages import (
     parse_client_message,
 )
 from core import wire
-from core.errors import ERROR_CODES, LinkupError, Unavailable, UnknownType
+from core.errors import (
+    ERROR_CODES,
+    InternalError,
+    LinkupError,
+    Unavailable,
+    UnknownType,
+)
 from core.wire import Command
 from metrics.bridge import BridgeMetrics
 
@@ -210,6 +216,10 @@ class Bridge:
                     label = exc.message_type if isinstance(exc, UnknownType) else None
                     self.metrics.message_received(label, 0)
                     self._refuse(client, exc)
+                    continue
+                except Exception:
+                    logger.error("bug while parsing a message", exc_info=True)
+                    self._refuse(client, InternalError())
                     continue
                 await self._forward(client, inbound)
         except ConnectionClosed:

@@ -18,7 +18,8 @@ one place, log it at WARNING and answer ``{"type": "ERROR", "code": ...,
     │   ├── UnknownSession
     │   ├── SessionClosed
     │   └── TaskNotHeld
-    └── Unavailable          linkup cannot serve the request right now
+    ├── Unavailable          linkup cannot serve the request right now
+    └── InternalError        a bug in linkup; the log has the details
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from __future__ import annotations
 __all__ = [
     "ERROR_CODES",
     "INTERNAL_ERROR",
+    "InternalError",
     "InvalidField",
     "InvalidJson",
     "InvalidState",
@@ -119,8 +121,20 @@ class Unavailable(LinkupError):
     code = "unavailable"
 
 
-# What a client is told when linkup itself is at fault; details stay in the log.
-INTERNAL_ERROR = "internal_error"
+class InternalError(LinkupError):
+    """
+    What a client is told when linkup itself is at fault; details stay in
+    the log.
+
+    """
+
+    code = "internal_error"
+
+    def __init__(self) -> None:
+        super().__init__("internal error")
+
+
+INTERNAL_ERROR = InternalError.code
 
 
 def _codes(cls: type[LinkupError]) -> set[str]:
@@ -131,4 +145,4 @@ def _codes(cls: type[LinkupError]) -> set[str]:
 
 
 #: Every code an ERROR message may carry.
-ERROR_CODES = frozenset(_codes(LinkupError) | {INTERNAL_ERROR})
+ERROR_CODES = frozenset(_codes(LinkupError))

@@ -88,6 +88,9 @@ class Session:
     total: int = 0
     completed: int = 0
     failed: int = 0
+    #: When the session last had a task assigned, in assignments made by the
+    #: scheduler; 0 if never. Round-robin serves the smallest first.
+    last_served: int = 0
 
     @property
     def ended(self) -> int:

@@ -98,8 +98,10 @@ class Scheduler:
 
         self._sessions: dict[str, Session] = {}
         self._sessions_by_client: dict[ClientRef, list[str]] = {}
-        #: Sessions with pending tasks, in round-robin order.
-        self._ready: OrderedDict[str, None] = OrderedDict()
+        #: Sessions with pending tasks, in the order they became ready.
+        self._ready: dict[str, None] = {}
+        #: Assignments made so far: the round-robin clock.
+        self._assignments = 0
 
         self._tasks: dict[str, Task] = {}
         self._pending_count = 0
@@ -310,16 +312,17 @@ class Scheduler:
             sum(spec.size for spec in specs),
         )
 
-        self._send(
-            client,
-            {
-                "type": "TASKS_SUBMITTED",
-                "sessionId": session_id,
-                "taskCount": len(specs),
-                "totalPending": self._pending_count,
-            },
-        )
+        submitted = {
+            "type": "TASKS_SUBMITTED",
+            "sessionId": session_id,
+            "taskCount": len(specs),
+            "totalPending": self._pending_count,
+        }
+        self._send(client, submitted)
         self._dispatch(now)
+        # The reply goes out before the assignments but counts what is still
+        # waiting after them.
+        submitted["totalPending"] = self._pending_count
         return task_ids
 
     # Inputs from anyone, and from the shell.
@@ -346,11 +349,22 @@ class Scheduler:
         """
         Forget every client of a bridge that the core lost.
 
+        Nothing is sent to those clients: the bridge may come back with new
+        connections under the same numbers.
+
         """
-        clients = {c for c in self._worker_by_client if c[0] == bridge}
-        clients.update(c for c in self._sessions_by_client if c[0] == bridge)
-        for client in clients:
+        # Workers first, so that a task of a master on the same bridge is
+        # requeued, then dropped with its session, in one fixed order.
+        workers = sorted(c for c in self._worker_by_client if c[0] == bridge)
+        masters = sorted(c for c in self._sessions_by_client if c[0] == bridge)
+        first_new = len(self._outgoing)
+        for client in workers + masters:
             self._forget_client(client, "worker's bridge lost", now)
+        self._outgoing[first_new:] = [
+            item
+            for item in self._outgoing[first_new:]
+            if isinstance(item, Broadcast) or item.client[0] != bridge
+        ]
         self._dispatch(now)
 
     def expire(self, now: float) -> None:
@@ -464,13 +478,16 @@ class Scheduler:
         # Pair the longest-idle worker with the next session in turn until
         # one side runs out.
         while self._idle and self._ready:
-            session_id = next(iter(self._ready))
+            # Round-robin: the ready session served least recently goes next,
+            # a session never served before all others. Sessions are few, so
+            # a scan beats keeping a heap in step.
+            session_id = min(self._ready, key=self._last_served)
             session = self._sessions[session_id]
             task = self._tasks[session.pending.popleft()]
-            if session.pending:
-                self._ready.move_to_end(session_id)
-            else:
+            if not session.pending:
                 del self._ready[session_id]
+            self._assignments += 1
+            session.last_served = self._assignments
             self._pending_count -= 1
 
             worker_id, _ = self._idle.popitem(last=False)
@@ -500,6 +517,9 @@ class Scheduler:
                 },
                 payload=task.spec.payload,
             )
+
+    def _last_served(self, session_id: str) -> int:
+        return self._sessions[session_id].last_served
 
     def _release_worker(self, worker: Worker) -> None:
         worker.task_id = None

@@ -120,7 +120,12 @@ class CoreServer:
                 # Drain everything that is waiting before running timers.
                 while self._socket.poll(0, zmq.POLLIN):
                     frames = self._socket.recv_multipart(copy=False)
-                    self._on_frames(frames)
+                    try:
+                        self._on_frames(frames)
+                    except Exception:
+                        # A bug, or a peer that speaks the protocol wrongly:
+                        # lose this message, never the core.
+                        logger.error("bug while handling a link message", exc_info=True)
                     self._flush()
             self._run_timers()
             self._flush()
