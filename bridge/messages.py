@@ -5,7 +5,8 @@ Inbound, :func:`parse_client_message` checks a plugin message against the
 schema of its ``type`` (msgspec names the offending field in its error) and
 splits it into a small JSON header for the core and one payload per file: the
 text of ``dataBase64`` as UTF-8 bytes, which no one decodes or re-encodes
-until the worker's plugin does.
+until the worker's plugin does. Large batches take a shortcut that never
+parses the payloads at all (:mod:`bridge.payloads`, :func:`parse_cut_message`).
 
 Outbound, :func:`encode_for_client` turns a message from the core into the
 JSON text the plugin reads, splicing a ``TASK_ASSIGNED`` payload into the
@@ -20,13 +21,16 @@ from typing import Annotated, Any
 import msgspec
 import orjson
 
+from bridge.payloads import CutMessage
 from core.errors import InvalidField, InvalidJson, LinkupError, UnknownType
+from core.wire import Payload
 
 __all__ = [
     "Inbound",
     "encode_error",
     "encode_for_client",
     "parse_client_message",
+    "parse_cut_message",
 ]
 
 NonNegative = Annotated[int, msgspec.Meta(ge=0)]
@@ -97,13 +101,17 @@ class Inbound:
 
     type: str
     header: dict[str, Any]
-    payloads: list[bytes] = field(default_factory=list)
+    #: File data as bytes, or as views of the received message.
+    payloads: list[Payload] = field(default_factory=list)
     #: Size of the message as received, in bytes.
     size: int = 0
 
     def __repr__(self) -> str:
-        sizes = [len(payload) for payload in self.payloads]
-        return f"Inbound({self.type}, size={self.size}, payload_sizes={sizes})"
+        payload_bytes = sum(len(payload) for payload in self.payloads)
+        return (
+            f"Inbound({self.type}, size={self.size}, "
+            f"payloads={len(self.payloads)}, payload_bytes={payload_bytes})"
+        )
 
 
 def parse_client_message(raw: bytes) -> Inbound:
@@ -127,6 +135,47 @@ def parse_client_message(raw: bytes) -> Inbound:
         raise InvalidJson(f"message is not valid JSON: {exc}") from None
     del raw
 
+    message_type, message = _validate(document)
+    del document
+    if isinstance(message, _SubmitTasks):
+        return _split_submit_tasks(message, size)
+    header = msgspec.structs.asdict(message)
+    header["type"] = message_type
+    return Inbound(message_type, header, size=size)
+
+
+def parse_cut_message(cut: CutMessage, size: int) -> Inbound | None:
+    """
+    Validate a ``SUBMIT_TASKS`` whose payloads :func:`cut_payloads` cut out.
+
+    Returns None, and the caller must use :func:`parse_client_message`, if
+    the skeleton is not valid JSON or the placeholders are not exactly the
+    tasks' ``dataBase64`` values in order: then only a full parse can say
+    what the message means.
+
+    Raises:
+        UnknownType, InvalidField: As :func:`parse_client_message`.
+
+    """
+    try:
+        document = orjson.loads(cut.skeleton)
+    except orjson.JSONDecodeError:
+        return None
+    message_type, message = _validate(document)
+    if not isinstance(message, _SubmitTasks):
+        return None
+    if [task.dataBase64 for task in message.tasks] != cut.placeholders:
+        return None
+
+    tasks = [
+        {"filename": task.filename, "mimeType": task.mimeType, "size": task.size}
+        for task in message.tasks
+    ]
+    header = {"type": message_type, "sessionId": message.sessionId, "tasks": tasks}
+    return Inbound(message_type, header, list(cut.payloads), size)
+
+
+def _validate(document: Any) -> tuple[str, msgspec.Struct]:
     if not isinstance(document, dict):
         raise InvalidJson("message is not a JSON object")
     message_type = document.get("type")
@@ -136,21 +185,14 @@ def parse_client_message(raw: bytes) -> Inbound:
     if schema is None:
         raise UnknownType(message_type)
     try:
-        message = msgspec.convert(document, schema)
+        return message_type, msgspec.convert(document, schema)
     except msgspec.ValidationError as exc:
         raise InvalidField(f"{message_type}: {exc}") from None
-    del document
-
-    if isinstance(message, _SubmitTasks):
-        return _split_submit_tasks(message, size)
-    header = msgspec.structs.asdict(message)
-    header["type"] = message_type
-    return Inbound(message_type, header, size=size)
 
 
 def _split_submit_tasks(message: _SubmitTasks, size: int) -> Inbound:
     tasks = []
-    payloads = []
+    payloads: list[Payload] = []
     for index, task in enumerate(message.tasks):
         payloads.append(_json_string_body(task.dataBase64, index))
         # Let go of the text as soon as its bytes exist: one copy at a time.

@@ -33,7 +33,9 @@ from bridge.messages import (
     encode_error,
     encode_for_client,
     parse_client_message,
+    parse_cut_message,
 )
+from bridge.payloads import LARGE_MESSAGE, cut_payloads, is_verbatim
 from core import wire
 from core.errors import (
     ERROR_CODES,
@@ -211,12 +213,14 @@ class Bridge:
                 # The received bytes go straight into the parser, which holds
                 # the only reference and lets go of it once parsed.
                 try:
-                    inbound = parse_client_message(await websocket.recv(decode=False))
+                    inbound = await self._parse(await websocket.recv(decode=False))
                 except LinkupError as exc:
                     label = exc.message_type if isinstance(exc, UnknownType) else None
                     self.metrics.message_received(label, 0)
                     self._refuse(client, exc)
                     continue
+                except ConnectionClosed:
+                    raise
                 except Exception:
                     logger.error("bug while parsing a message", exc_info=True)
                     self._refuse(client, InternalError())
@@ -230,6 +234,21 @@ class Bridge:
             with contextlib.suppress(Unavailable):
                 await self.link.send(Command.CLIENT_GONE, {"client": client.number})
             logger.info("client disconnected client=%d", client.number)
+
+    async def _parse(self, raw: bytes) -> Inbound:
+        # Large batches: cut the files out unparsed, checking them one at a
+        # time and letting heartbeats and other clients run in between.
+        if len(raw) >= LARGE_MESSAGE and (cut := cut_payloads(raw)) is not None:
+            for payload in cut.payloads:
+                if not is_verbatim(payload):
+                    break
+                await asyncio.sleep(0)
+            else:
+                inbound = parse_cut_message(cut, len(raw))
+                if inbound is not None:
+                    return inbound
+            del cut
+        return parse_client_message(raw)
 
     async def _forward(self, client: _Client, inbound: Inbound) -> None:
         self.metrics.message_received(inbound.type, inbound.size)

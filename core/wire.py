@@ -96,8 +96,11 @@ class Envelope:
 
     def __repr__(self) -> str:
         # Never show payload contents, only their sizes.
-        sizes = [len(payload) for payload in self.payloads]
-        return f"Envelope({self.command.name}, {self.header!r}, payload_sizes={sizes})"
+        payload_bytes = sum(len(payload) for payload in self.payloads)
+        return (
+            f"Envelope({self.command.name}, {self.header!r}, "
+            f"payloads={len(self.payloads)}, payload_bytes={payload_bytes})"
+        )
 
 
 _COMMAND_FRAMES = {command: bytes([command]) for command in Command}

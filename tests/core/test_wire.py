@@ -117,19 +117,19 @@ def test_command_numbers_are_stable() -> None:
 # Repr.
 
 
-def test_repr_shows_payload_sizes_never_payload_bytes() -> None:
+def test_repr_shows_payload_count_and_size_never_payload_bytes() -> None:
     secret = b"U0VDUkVULURBVEE="
     envelope = decode(encode(Command.CLIENT_MESSAGE, {"client": 1}, [secret, b"xy"]))
     text = repr(envelope)
     assert "SECRET" not in text
     assert secret.decode() not in text
     assert "CLIENT_MESSAGE" in text
-    assert "payload_sizes=[16, 2]" in text
+    assert "payloads=2, payload_bytes=18" in text
 
 
 def test_repr_of_an_envelope_without_payloads() -> None:
     envelope = Envelope(Command.HEARTBEAT)
-    assert repr(envelope) == "Envelope(HEARTBEAT, {}, payload_sizes=[])"
+    assert repr(envelope) == "Envelope(HEARTBEAT, {}, payloads=0, payload_bytes=0)"
 
 
 # Refusals.
