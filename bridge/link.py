@@ -6,7 +6,7 @@ lost: silent for ``link_timeout`` seconds, or answering RESET because it no
 longer knows this bridge (it restarted, or gave the bridge up for dead). When
 the link goes down the bridge is told (:meth:`LinkHandler.on_link_lost`) so
 that it can close its clients, whose state the core no longer has; the link
-then says HELLO every heartbeat until a core answers.
+then says HELLO every tenth of a second until a core answers.
 """
 
 from __future__ import annotations
@@ -170,6 +170,14 @@ class CoreLink:
     def _on_welcome(self, header: dict[str, Any]) -> None:
         if self.up.is_set():
             return
+        if header.get("heartbeat") != self.heartbeat_interval:
+            logger.warning(
+                "core heartbeats every %ss, this bridge every %ss: set "
+                "--heartbeat-interval alike on both, or one may think the "
+                "other lost",
+                header.get("heartbeat"),
+                self.heartbeat_interval,
+            )
         core = str(header.get("core"))
         if self.core_instance is not None and core != self.core_instance:
             logger.info("core restarted: instance %s, was %s", core, self.core_instance)

@@ -215,8 +215,6 @@ class Bridge:
                 try:
                     inbound = await self._parse(await websocket.recv(decode=False))
                 except LinkupError as exc:
-                    label = exc.message_type if isinstance(exc, UnknownType) else None
-                    self.metrics.message_received(label, 0)
                     self._refuse(client, exc)
                     continue
                 except ConnectionClosed:
@@ -236,6 +234,16 @@ class Bridge:
             logger.info("client disconnected client=%d", client.number)
 
     async def _parse(self, raw: bytes) -> Inbound:
+        try:
+            inbound = await self._parse_unchecked(raw)
+        except LinkupError as exc:
+            label = exc.message_type if isinstance(exc, UnknownType) else None
+            self.metrics.message_received(label, len(raw))
+            raise
+        self.metrics.message_received(inbound.type, inbound.size)
+        return inbound
+
+    async def _parse_unchecked(self, raw: bytes) -> Inbound:
         # Large batches: cut the files out unparsed, checking them one at a
         # time and letting heartbeats and other clients run in between.
         if len(raw) >= LARGE_MESSAGE and (cut := cut_payloads(raw)) is not None:
@@ -251,7 +259,6 @@ class Bridge:
         return parse_client_message(raw)
 
     async def _forward(self, client: _Client, inbound: Inbound) -> None:
-        self.metrics.message_received(inbound.type, inbound.size)
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug(
                 "< %s client=%d bytes=%d", inbound.type, client.number, inbound.size

@@ -11,8 +11,7 @@ one place, log it at WARNING and answer ``{"type": "ERROR", "code": ...,
     ├── ProtocolError        a message that is malformed or not understood
     │   ├── InvalidJson
     │   ├── UnknownType
-    │   ├── InvalidField
-    │   └── MessageTooLarge
+    │   └── InvalidField
     ├── InvalidState         a well-formed request that is not allowed now
     │   ├── WrongRole
     │   ├── UnknownSession
@@ -32,7 +31,6 @@ __all__ = [
     "InvalidJson",
     "InvalidState",
     "LinkupError",
-    "MessageTooLarge",
     "ProtocolError",
     "SessionClosed",
     "TaskNotHeld",
@@ -77,10 +75,6 @@ class UnknownType(ProtocolError):
 
 class InvalidField(ProtocolError):
     code = "invalid_field"
-
-
-class MessageTooLarge(ProtocolError):
-    code = "message_too_large"
 
 
 class InvalidState(LinkupError):

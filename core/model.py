@@ -57,13 +57,10 @@ class Task:
     id: str
     session_id: str
     spec: TaskSpec
-    queued_at: float
     state: TaskState = TaskState.PENDING
     #: Attempts started so far; an attempt starts when the task is assigned.
     attempts: int = 0
     worker_id: str | None = None
-    assigned_at: float | None = None
-    last_error: str | None = None
 
 
 @dataclass(slots=True)

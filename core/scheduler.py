@@ -297,7 +297,7 @@ class Scheduler:
 
         task_ids = []
         for spec in specs:
-            task = Task(self._new_id("t"), session_id, spec, queued_at=now)
+            task = Task(self._new_id("t"), session_id, spec)
             self._tasks[task.id] = task
             session.pending.append(task.id)
             task_ids.append(task.id)
@@ -495,7 +495,6 @@ class Scheduler:
             worker.task_id = task.id
             task.state = TaskState.ASSIGNED
             task.worker_id = worker_id
-            task.assigned_at = now
             task.attempts += 1
             logger.debug(
                 "= task assigned task=%s worker=%s attempt=%d bytes=%d",
@@ -527,7 +526,6 @@ class Scheduler:
 
     def _end_attempt(self, task: Task, error: str) -> None:
         # An attempt ended without a result: retry, or give up.
-        task.last_error = error
         task.worker_id = None
         if task.state is TaskState.CANCELLED:
             del self._tasks[task.id]
@@ -578,6 +576,9 @@ class Scheduler:
         self._send(session.master, message)
 
         if session.finished:
+            # TODO: forget finished sessions after a retention period; until
+            # then each stays (a few counters, no payloads) while its master
+            # is connected, so that a late SUBMIT_TASKS gets session_closed.
             logger.info(
                 "session completed session=%s completed=%d failed=%d",
                 session.id,

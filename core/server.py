@@ -6,11 +6,12 @@ timers, so ``zmq.Poller`` is all the event loop it needs. Each turn it waits
 for a link message or the next deadline, feeds the scheduler, and flushes the
 scheduler's output in one place (:meth:`CoreServer._flush`).
 
-Link supervision: every bridge says HELLO first and is answered WELCOME; both
-sides then send HEARTBEAT every ``heartbeat_interval`` seconds, and any message
-counts as a sign of life. A bridge silent for ``link_timeout`` seconds is
-declared lost and its clients are treated as disconnected. A message from a
-bridge the core does not know is answered with RESET.
+Link supervision: every bridge says HELLO first and is answered WELCOME; each
+side then sends HEARTBEAT whenever it has sent nothing else for
+``heartbeat_interval`` seconds, and any message counts as a sign of life.
+A bridge silent for ``link_timeout`` seconds is declared lost and its clients
+are treated as disconnected. A message from a bridge the core does not know is
+answered with RESET.
 """
 
 from __future__ import annotations
@@ -224,6 +225,14 @@ class CoreServer:
 
     def _on_hello(self, routing_id: bytes, header: dict[str, Any], now: float) -> None:
         instance = str(header.get("bridge", routing_id.hex()))
+        if header.get("heartbeat") != self.heartbeat_interval:
+            logger.warning(
+                "bridge heartbeats every %ss, the core every %ss; set "
+                "--heartbeat-interval alike on both bridge=%s",
+                header.get("heartbeat"),
+                self.heartbeat_interval,
+                instance,
+            )
         if routing_id in self._bridges:
             # A bridge says HELLO again only after it closed its clients.
             self._forget_bridge(routing_id, now)

@@ -9,10 +9,12 @@ Every ZeroMQ message on the link is a multipart message::
   refuses the message: the two ends must be upgraded together.
 * ``COMMAND`` is one byte, one of :class:`Command`.
 * ``HEADER`` is a JSON object (UTF-8, encoded with orjson).
-* ``PAYLOAD`` frames carry file data, each in its own frame, exactly as the
-  plugin sent it (the text of ``dataBase64``): never inside the JSON header,
-  never re-encoded. For ``SUBMIT_TASKS`` the i-th payload belongs to the i-th
-  entry of ``tasks``; for ``TASK_ASSIGNED`` the single payload is the task's.
+* ``PAYLOAD`` frames carry file data, each in its own frame: the body of the
+  plugin's ``dataBase64`` JSON string, between its quotes, still escaped as
+  JSON (for Base64, which needs no escapes, that is the text itself). Never
+  inside the JSON header, never decoded or re-encoded. For ``SUBMIT_TASKS``
+  the i-th payload belongs to the i-th entry of ``tasks``; for
+  ``TASK_ASSIGNED`` the single payload is the task's.
 
 The core's ROUTER socket sees one more frame in front, the bridge's routing
 id; :mod:`core.server` strips it before calling :func:`decode`.

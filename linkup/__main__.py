@@ -69,9 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.port_argument and args.port and args.port_argument != args.port:
+    given = {p for p in (args.port_argument, args.port) if p is not None}
+    if len(given) > 1:
         parser.error("PORT and --port disagree; give one")
-    port = args.port_argument or args.port or DEFAULT_PORT
+    port = given.pop() if given else DEFAULT_PORT
     if not 0 < port < 65536:
         parser.error(f"port {port} is out of range")
     configure_logging(args.log_level)
