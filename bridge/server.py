@@ -24,6 +24,7 @@ import zmq.asyncio
 from prometheus_client import CollectorRegistry
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import CloseCode
 
 from bridge import http
 from bridge.link import CoreLink
@@ -224,8 +225,15 @@ class Bridge:
                     self._refuse(client, InternalError())
                     continue
                 await self._forward(client, inbound)
-        except ConnectionClosed:
-            pass
+        except ConnectionClosed as exc:
+            if exc.sent is not None and exc.sent.code == CloseCode.MESSAGE_TOO_BIG:
+                # The plugin ignores close codes: say it where the operator looks.
+                logger.warning(
+                    "client=%d sent a message over the %d-byte limit "
+                    "(--max-message-size), connection closed",
+                    client.number,
+                    self.options.max_message_size,
+                )
         finally:
             del self._clients[client.number]
             sender.cancel()
