@@ -13,7 +13,7 @@ import sys
 import zmq.asyncio
 
 from bridge.server import Bridge, BridgeOptions
-from core.__main__ import add_link_options
+from core.__main__ import add_link_options, port_number, positive_float
 from linkup import __version__
 from linkup.logs import add_log_level_option, configure_logging
 
@@ -35,14 +35,14 @@ def add_bridge_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--ping-interval",
-        type=float,
+        type=positive_float,
         default=_DEFAULTS.ping_interval,
         metavar="SECONDS",
         help="WebSocket keepalive ping interval (default: %(default)s)",
     )
     parser.add_argument(
         "--ping-timeout",
-        type=float,
+        type=positive_float,
         default=_DEFAULTS.ping_timeout,
         metavar="SECONDS",
         help="close a connection whose ping is not answered within this time "
@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--port",
-        type=int,
+        type=port_number,
         default=_DEFAULTS.port,
         help="port for WebSockets and HTTP (default: %(default)s)",
     )
@@ -110,8 +110,16 @@ async def serve(options: BridgeOptions) -> None:
     context = zmq.asyncio.Context()
     bridge_task = asyncio.create_task(Bridge(context, options).run())
     loop = asyncio.get_running_loop()
+
+    def stop() -> None:
+        # Once only: a second signal (Ctrl-C reaches the whole process group,
+        # then `linkup` sends SIGTERM) must not interrupt the cleanup.
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, lambda: None)
+        bridge_task.cancel()
+
     for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, bridge_task.cancel)
+        loop.add_signal_handler(signum, stop)
     try:
         with contextlib.suppress(asyncio.CancelledError):
             await bridge_task

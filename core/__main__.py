@@ -5,6 +5,7 @@ linkup-core: the scheduler alone, serving bridges over ZeroMQ.
 from __future__ import annotations
 
 import argparse
+import math
 import secrets
 import signal
 import sys
@@ -79,9 +80,22 @@ def add_link_options(parser: argparse.ArgumentParser) -> None:
 
 
 def positive_float(text: str) -> float:
-    value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, not {text}")
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number, not {text}")
+    return value
+
+
+def port_number(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 < value < 65536:
+        raise argparse.ArgumentTypeError(f"port {value} is not between 1 and 65535")
     return value
 
 
@@ -111,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             link_timeout=args.link_timeout,
         )
     except zmq.ZMQError as exc:
-        context.term()
+        context.destroy(linger=0)
         sys.exit(f"linkup-core: cannot bind {args.bind}: {exc}")
 
     try:
@@ -119,6 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         pass
     finally:
+        # A second signal (Ctrl-C reaches the whole process group, then
+        # `linkup` sends SIGTERM) must not interrupt the cleanup.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         server.close()
         context.term()
     return 0

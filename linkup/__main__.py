@@ -30,7 +30,7 @@ from types import FrameType
 import psutil
 
 from bridge.__main__ import add_bridge_options
-from core.__main__ import add_link_options, add_scheduler_options
+from core.__main__ import add_link_options, add_scheduler_options, port_number
 from linkup import __version__
 from linkup.logs import add_log_level_option, configure_logging
 
@@ -50,11 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "port_argument",
         nargs="?",
-        type=int,
+        type=port_number,
         metavar="PORT",
         help=f"port for WebSockets and the status page (default: {DEFAULT_PORT})",
     )
-    parser.add_argument("--port", type=int, help="same as PORT")
+    parser.add_argument("--port", type=port_number, help="same as PORT")
     parser.add_argument(
         "--host", default="0.0.0.0", help="address to listen on (default: %(default)s)"
     )
@@ -73,8 +73,6 @@ def main(argv: list[str] | None = None) -> int:
     if len(given) > 1:
         parser.error("PORT and --port disagree; give one")
     port = given.pop() if given else DEFAULT_PORT
-    if not 0 < port < 65536:
-        parser.error(f"port {port} is out of range")
     configure_logging(args.log_level)
 
     stop_requested = False

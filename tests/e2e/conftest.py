@@ -4,12 +4,14 @@ Fixtures that start real linkup processes on free ports.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import Process, free_port, wait_ready
+from tests.e2e.harness import UNIT, Plugin, Process, free_port, wait_ready
 
 
 class Deployment:
@@ -117,3 +119,27 @@ def linkup_url(deployment: Deployment) -> Callable[..., str]:
         return f"ws://127.0.0.1:{port}"
 
     return start
+
+
+@pytest.fixture
+async def close_plugins(
+    deployment: Deployment, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[None]:
+    """
+    Close every client a test opened, even when it failed half-way, before
+    the deployment stops: a bridge waits for its clients' closing handshake.
+
+    """
+    opened: list[Plugin] = []
+    connect = Plugin.connect.__func__  # type: ignore[attr-defined]
+
+    async def tracked(cls: type[Plugin], url: str) -> Plugin:
+        plugin = await connect(cls, url)
+        opened.append(plugin)
+        return plugin
+
+    monkeypatch.setattr(Plugin, "connect", classmethod(tracked))
+    yield
+    for plugin in opened:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(plugin.close(), 2 * UNIT)
