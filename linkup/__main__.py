@@ -24,6 +24,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
@@ -160,7 +161,7 @@ def _wait_until_ready(
     host: str,
     port: int,
     children: dict[str, subprocess.Popen[bytes]],
-    stop_requested: object,
+    stop_requested: Callable[[], bool],
 ) -> bool:
     probe_host = "127.0.0.1" if host in ("0.0.0.0", "") else host
     if ":" in probe_host:
@@ -168,7 +169,7 @@ def _wait_until_ready(
     url = f"http://{probe_host}:{port}/readyz"
     deadline = time.monotonic() + READY_TIMEOUT
     while time.monotonic() < deadline:
-        if callable(stop_requested) and stop_requested():
+        if stop_requested():
             return False
         for name, child in children.items():
             if child.poll() is not None:
