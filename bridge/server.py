@@ -87,6 +87,8 @@ class _Close:
 class _Client:
     number: int
     websocket: ServerConnection
+    # TODO: bound the outbox and push back on a client that reads slowly;
+    # today a stalled reader makes its queue grow without limit.
     outbox: asyncio.Queue[bytes | _Close] = field(default_factory=asyncio.Queue)
 
 

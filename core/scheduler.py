@@ -103,6 +103,8 @@ class Scheduler:
         #: Assignments made so far: the round-robin clock.
         self._assignments = 0
 
+        # TODO: journal sessions and tasks so that a core restart loses
+        # nothing; all of this state lives in memory only.
         self._tasks: dict[str, Task] = {}
         self._pending_count = 0
 

@@ -296,6 +296,8 @@ class CoreServer:
                     raise InvalidField(
                         f"{len(tasks)} tasks arrived with {len(payloads)} payloads"
                     )
+                # TODO: spool payloads to disk; each task's frame stays in
+                # memory until the task ends.
                 specs = [
                     TaskSpec(task["filename"], task["mimeType"], task["size"], payload)
                     for task, payload in zip(tasks, payloads, strict=True)
