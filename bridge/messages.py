@@ -118,10 +118,6 @@ def parse_client_message(raw: bytes) -> Inbound:
     """
     Validate one message from a plugin and split off its payloads.
 
-    Pass the received bytes directly: this function drops its reference to
-    ``raw`` as soon as it is parsed, so that a batch of several hundred MB is
-    not held twice.
-
     Raises:
         InvalidJson: The message is not a JSON object.
         UnknownType: ``type`` is not a message clients may send.
@@ -133,7 +129,6 @@ def parse_client_message(raw: bytes) -> Inbound:
         document = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise InvalidJson(f"message is not valid JSON: {exc}") from None
-    del raw
 
     message_type, message = _validate(document)
     del document

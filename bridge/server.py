@@ -213,8 +213,8 @@ class Bridge:
         sender = asyncio.create_task(self._send_loop(client))
         try:
             while True:
-                # The received bytes go straight into the parser, which holds
-                # the only reference and lets go of it once parsed.
+                # Neither the received bytes nor the parsed message outlive
+                # their use here: a batch can be hundreds of MB.
                 try:
                     inbound = await self._parse(await websocket.recv(decode=False))
                 except LinkupError as exc:
@@ -227,13 +227,15 @@ class Bridge:
                     self._refuse(client, InternalError())
                     continue
                 await self._forward(client, inbound)
+                del inbound
         except ConnectionClosed as exc:
             if exc.sent is not None and exc.sent.code == CloseCode.MESSAGE_TOO_BIG:
                 # The plugin ignores close codes: say it where the operator looks.
                 logger.warning(
-                    "client=%d sent a message over the %d-byte limit "
-                    "(--max-message-size), connection closed",
+                    "client=%d closed with 1009 (%s); the limit is %d bytes "
+                    "(--max-message-size)",
                     client.number,
+                    exc.sent.reason,
                     self.options.max_message_size,
                 )
         finally:

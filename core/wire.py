@@ -10,11 +10,13 @@ Every ZeroMQ message on the link is a multipart message::
 * ``COMMAND`` is one byte, one of :class:`Command`.
 * ``HEADER`` is a JSON object (UTF-8, encoded with orjson).
 * ``PAYLOAD`` frames carry file data, each in its own frame: the body of the
-  plugin's ``dataBase64`` JSON string, between its quotes, still escaped as
-  JSON (for Base64, which needs no escapes, that is the text itself). Never
-  inside the JSON header, never decoded or re-encoded. For ``SUBMIT_TASKS``
-  the i-th payload belongs to the i-th entry of ``tasks``; for
-  ``TASK_ASSIGNED`` the single payload is the task's.
+  plugin's ``dataBase64`` JSON string, between its quotes, escaped as JSON.
+  For Base64, which needs no escapes, that is the plugin's text itself, cut
+  from the message it sent; a string that needed escapes was parsed and is
+  re-escaped (an escaped slash arrives as a plain one). Never inside the JSON
+  header, never Base64-decoded. For ``SUBMIT_TASKS`` the i-th payload belongs
+  to the i-th entry of ``tasks``; for ``TASK_ASSIGNED`` the single payload is
+  the task's.
 
 The core's ROUTER socket sees one more frame in front, the bridge's routing
 id; :mod:`core.server` strips it before calling :func:`decode`.

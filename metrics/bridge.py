@@ -15,7 +15,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 __all__ = ["BridgeMetrics"]
 
 OTHER = "other"
-#: Label for messages refused before their type was known to be valid.
+#: Label for messages refused as malformed: not JSON, no type, or fields
+#: that do not match their type's schema.
 INVALID = "invalid"
 
 
@@ -73,7 +74,7 @@ class BridgeMetrics:
 
     def message_received(self, message_type: str | None, size: int) -> None:
         """
-        Count a message; ``message_type`` is None if it was refused unread.
+        Count a message; ``message_type`` is None if it was malformed.
 
         """
         if message_type is None:
