@@ -8,10 +8,12 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.e2e.harness import UNIT, Plugin, Process, free_port, wait_ready
+from tests.e2e.protocol_helpers import open_clients
 
 
 class Deployment:
@@ -143,3 +145,14 @@ async def close_plugins(
     for plugin in opened:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(plugin.close(), 2 * UNIT)
+
+
+@pytest.fixture
+async def start(linkup_url: Callable[..., str]) -> AsyncIterator[Any]:
+    """
+    ``start(*options)``: a new linkup with those options, and a Clients for it
+    that closes every connection at teardown.
+
+    """
+    async with open_clients(linkup_url) as start:
+        yield start

@@ -17,17 +17,9 @@ from tests.e2e.protocol_helpers import (
     expect_silence,
     get_stats,
     make_task,
-    open_clients,
     submit,
     types_in_backlog,
 )
-
-
-@pytest.fixture
-async def start(linkup_url):
-    async with open_clients(linkup_url) as start:
-        yield start
-
 
 # Messages that are not understood at all.
 

@@ -18,19 +18,12 @@ from tests.e2e.protocol_helpers import (
     expect_silence,
     in_background,
     make_task,
-    open_clients,
     result_url_for,
     sha256_hex,
     submit,
     upload_forever,
     watching,
 )
-
-
-@pytest.fixture
-async def start(linkup_url):
-    async with open_clients(linkup_url) as start:
-        yield start
 
 
 def fifty_files(rng: random.Random) -> dict[str, bytes]:

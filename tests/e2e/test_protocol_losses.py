@@ -18,17 +18,9 @@ from tests.e2e.protocol_helpers import (
     heartbeat,
     in_background,
     make_task,
-    open_clients,
     submit,
     types_in_backlog,
 )
-
-
-@pytest.fixture
-async def start(linkup_url):
-    async with open_clients(linkup_url) as start:
-        yield start
-
 
 # Worker loss.
 

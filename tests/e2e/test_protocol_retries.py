@@ -4,22 +4,13 @@ Failed attempts: a file is tried again, and the master hears only the outcome.
 
 from __future__ import annotations
 
-import pytest
-
 from tests.e2e.harness import UNIT
 from tests.e2e.protocol_helpers import (
     expect_silence,
     make_task,
-    open_clients,
     submit,
     types_in_backlog,
 )
-
-
-@pytest.fixture
-async def start(linkup_url):
-    async with open_clients(linkup_url) as start:
-        yield start
 
 
 async def test_two_failures_then_success_completes_without_task_failed(start):

@@ -14,7 +14,6 @@ from tests.e2e.protocol_helpers import (
     get_stats,
     header,
     make_task,
-    open_clients,
     submit,
 )
 
@@ -26,12 +25,6 @@ STATS_KEYS = {
     "activeSessions",
     "workers",
 }
-
-
-@pytest.fixture
-async def start(linkup_url):
-    async with open_clients(linkup_url) as start:
-        yield start
 
 
 def assert_stats_shape(stats: dict) -> None:
