@@ -55,7 +55,9 @@ class _TaskCompleted(msgspec.Struct):
 
 class _TaskFailed(msgspec.Struct):
     taskId: str
-    error: str
+    # JavaScript drops `error: undefined` from its JSON; refusing the report
+    # would leave the task with the worker for good.
+    error: str = "upload failed (the worker gave no reason)"
 
 
 class _TaskWaiting(msgspec.Struct):

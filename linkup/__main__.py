@@ -74,6 +74,12 @@ def main(argv: list[str] | None = None) -> int:
     if len(given) > 1:
         parser.error("PORT and --port disagree; give one")
     port = given.pop() if given else DEFAULT_PORT
+    if not _port_is_free(args.host, port):
+        parser.exit(
+            1,
+            f"linkup: port {port} is already in use (another linkup?); "
+            f"choose another, e.g. `linkup {port + 1 if port < 65535 else 8080}`\n",
+        )
     configure_logging(args.log_level)
 
     stop_requested = False
@@ -140,6 +146,21 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(runtime_dir, ignore_errors=True)
         if stop_requested:
             print("linkup stopped / 已停止", flush=True)
+
+
+def _port_is_free(host: str, port: int) -> bool:
+    # Checked before starting anything: otherwise another linkup on the port
+    # would answer our readiness probe and we would claim to be running.
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError:
+        return False
+    return True
 
 
 def _spawn(module: str, *arguments: str) -> subprocess.Popen[bytes]:

@@ -277,6 +277,16 @@ def test_linkup_exits_with_a_message_when_its_port_is_taken():
     assert "ws://" not in result.stdout
 
 
+def test_a_second_linkup_on_the_same_port_refuses_to_start(deployment):
+    """Another linkup holds the port: no banner, a message naming the port."""
+    _, port = deployment.linkup()
+    result = _run("linkup", str(port), "--host", "127.0.0.1")
+    assert result.returncode == 1
+    assert f"port {port} is already in use" in result.stderr
+    assert "ws://" not in result.stdout
+    assert "Traceback" not in result.stderr, result.stderr
+
+
 def test_linkup_bridge_exits_with_a_message_when_its_port_is_taken():
     """A port in use: linkup-bridge exits non-zero with a message, no hang."""
     with socket.socket() as taken:
