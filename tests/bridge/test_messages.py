@@ -496,3 +496,13 @@ def test_encode_error_codes() -> None:
         "code": "internal_error",
         "message": "internal error",
     }
+
+
+def test_task_failed_without_error_is_accepted_with_a_default_reason() -> None:
+    """JavaScript drops `error: undefined`; the report must still end the attempt."""
+    inbound = parse_client_message(b'{"type": "TASK_FAILED", "taskId": "t-1"}')
+    assert inbound.header == {
+        "type": "TASK_FAILED",
+        "taskId": "t-1",
+        "error": "upload failed (the worker gave no reason)",
+    }
