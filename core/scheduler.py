@@ -369,6 +369,8 @@ class Scheduler:
         ]
         self._dispatch(now)
 
+    # TODO: a per-attempt time limit; a worker that keeps heartbeating but
+    # never reports (a hung upload) holds its task for as long as it lives.
     def expire(self, now: float) -> None:
         """
         Drop workers silent for longer than ``worker_timeout``.
