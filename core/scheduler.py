@@ -61,6 +61,11 @@ logger = logging.getLogger("linkup.core.scheduler")
 DEFAULT_MAX_ATTEMPTS = 3
 DEFAULT_WORKER_TIMEOUT = 30.0
 
+# STATS_UPDATE pushes to every client are coalesced to at most one per this
+# many seconds: a burst of N workers joining would otherwise send N pushes of
+# N workers each to N clients.
+STATS_PUSH_INTERVAL = 0.25
+
 
 class Scheduler:
     """
@@ -109,6 +114,9 @@ class Scheduler:
         self._pending_count = 0
 
         self._outgoing: list[Outgoing] = []
+        #: When the next STATS_UPDATE push is due, if workers came or went.
+        self._stats_push_due: float | None = None
+        self._last_stats_push = float("-inf")
 
     # Inputs from workers.
 
@@ -143,7 +151,7 @@ class Scheduler:
             },
         )
         if joined:
-            self._broadcast_stats()
+            self._stats_changed(now)
             self._dispatch(now)
         return worker_id
 
@@ -371,12 +379,15 @@ class Scheduler:
 
     # TODO: a per-attempt time limit; a worker that keeps heartbeating but
     # never reports (a hung upload) holds its task for as long as it lives.
-    def expire(self, now: float) -> None:
+    def tick(self, now: float) -> None:
         """
-        Drop workers silent for longer than ``worker_timeout``.
+        Do what time makes due: drop workers silent for ``worker_timeout``
+        (closed with a :class:`Disconnect`), and push a ``STATS_UPDATE`` to
+        every client if workers came or went (at most one per
+        ``STATS_PUSH_INTERVAL``, with the statistics of this moment).
 
         Call it when :meth:`next_deadline` has passed; calling it earlier is
-        harmless. Dropped workers are closed with a :class:`Disconnect`.
+        harmless.
 
         """
         silent = [
@@ -396,15 +407,25 @@ class Scheduler:
         if silent:
             self._dispatch(now)
 
+        if self._stats_push_due is not None and now >= self._stats_push_due:
+            self._stats_push_due = None
+            self._last_stats_push = now
+            self._outgoing.append(
+                Broadcast({"type": "STATS_UPDATE", "stats": self.statistics()})
+            )
+
     def next_deadline(self) -> float | None:
         """
-        When :meth:`expire` next has work to do, or None if never.
+        When :meth:`tick` next has work to do, or None if never.
 
         """
-        if not self._workers:
-            return None
-        oldest = min(worker.last_seen for worker in self._workers.values())
-        return oldest + self.worker_timeout
+        deadlines = []
+        if self._workers:
+            oldest = min(worker.last_seen for worker in self._workers.values())
+            deadlines.append(oldest + self.worker_timeout)
+        if self._stats_push_due is not None:
+            deadlines.append(self._stats_push_due)
+        return min(deadlines, default=None)
 
     # Outputs.
 
@@ -604,7 +625,7 @@ class Scheduler:
         worker_id = self._worker_by_client.pop(client, None)
         if worker_id is not None:
             self._forget_worker(self._workers.pop(worker_id), reason)
-            self._broadcast_stats()
+            self._stats_changed(now)
 
         for session_id in self._sessions_by_client.pop(client, []):
             self._forget_session(self._sessions.pop(session_id))
@@ -643,10 +664,11 @@ class Scheduler:
                 len(held),
             )
 
-    def _broadcast_stats(self) -> None:
-        self._outgoing.append(
-            Broadcast({"type": "STATS_UPDATE", "stats": self.statistics()})
-        )
+    def _stats_changed(self, now: float) -> None:
+        # Workers came or went: everyone gets a STATS_UPDATE at the next tick
+        # that is at least STATS_PUSH_INTERVAL after the last push.
+        if self._stats_push_due is None:
+            self._stats_push_due = max(now, self._last_stats_push + STATS_PUSH_INTERVAL)
 
     def _send(
         self, client: ClientRef, message: dict[str, Any], payload: Any = None

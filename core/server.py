@@ -50,11 +50,6 @@ DEFAULT_BIND = "tcp://127.0.0.1:9528"
 DEFAULT_HEARTBEAT_INTERVAL = 1.0
 DEFAULT_LINK_TIMEOUT = 3.0
 
-# STATS_UPDATE pushes to every client are coalesced to at most one per this
-# many seconds: a burst of N workers joining would otherwise send N pushes of
-# N workers each to N clients.
-STATS_PUSH_INTERVAL = 0.25
-
 # WebSocket close code for clients the core drops (4000-4999: private use).
 CLOSE_DROPPED = 4000
 
@@ -101,9 +96,6 @@ class CoreServer:
         self._clock = clock
         self._bridges: dict[bytes, _Bridge] = {}
         self._stopping = False
-        #: When the next coalesced STATS_UPDATE push is due, if one is.
-        self._stats_push_at: float | None = None
-        self._last_stats_push = float("-inf")
 
         self._socket = context.socket(zmq.ROUTER)
         # Unroutable messages raise instead of vanishing, and nothing is
@@ -168,8 +160,6 @@ class CoreServer:
         scheduler_deadline = self.scheduler.next_deadline()
         if scheduler_deadline is not None:
             deadlines.append(scheduler_deadline)
-        if self._stats_push_at is not None:
-            deadlines.append(self._stats_push_at)
         return max(0.0, min(deadlines) - now)
 
     def _run_timers(self) -> None:
@@ -187,15 +177,7 @@ class CoreServer:
 
         deadline = self.scheduler.next_deadline()
         if deadline is not None and now >= deadline:
-            self.scheduler.expire(now)
-
-        if self._stats_push_at is not None and now >= self._stats_push_at:
-            # Fresh statistics, not those of the change that asked for a push.
-            self._stats_push_at = None
-            self._last_stats_push = now
-            message = {"type": "STATS_UPDATE", "stats": self.scheduler.statistics()}
-            for bridge_id in list(self._bridges):
-                self._send(bridge_id, Command.BROADCAST, {"message": message})
+            self.scheduler.tick(now)
 
     # Input.
 
@@ -371,9 +353,6 @@ class CoreServer:
                     payloads,
                 )
             elif isinstance(item, Broadcast):
-                if item.message.get("type") == "STATS_UPDATE":
-                    self._schedule_stats_push()
-                    continue
                 for bridge_id in list(self._bridges):
                     self._send(bridge_id, Command.BROADCAST, {"message": item.message})
             elif isinstance(item, Disconnect):
@@ -383,12 +362,6 @@ class CoreServer:
                     Command.CLOSE_CLIENT,
                     {"client": number, "code": CLOSE_DROPPED, "reason": item.reason},
                 )
-
-    def _schedule_stats_push(self) -> None:
-        if self._stats_push_at is None:
-            self._stats_push_at = max(
-                self._clock(), self._last_stats_push + STATS_PUSH_INTERVAL
-            )
 
     def _reply_error(self, client: ClientRef, code: str, message: str) -> None:
         bridge_id, number = client

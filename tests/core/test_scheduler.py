@@ -19,7 +19,7 @@ from core.errors import (
     WrongRole,
 )
 from core.model import Broadcast, ClientRef, Disconnect, Outgoing, Send, TaskSpec
-from core.scheduler import Scheduler
+from core.scheduler import STATS_PUSH_INTERVAL, Scheduler
 
 BRIDGE = b"bridge-a"
 OTHER_BRIDGE = b"bridge-b"
@@ -58,8 +58,9 @@ def specs(count: int, prefix: str = "f") -> list[TaskSpec]:
 
 
 def add_worker(s: Scheduler, worker: ClientRef, now: float = 0.0) -> str:
-    """Register ``worker`` and throw away the output."""
+    """Register ``worker``, let its STATS_UPDATE push go, throw away the output."""
     worker_id = s.register_worker(worker, now)
+    s.tick(now)
     s.messages_to_send()
     return worker_id
 
@@ -243,6 +244,7 @@ def test_register_worker_replies_with_worker_id_and_server_stats(
 def test_worker_joining_broadcasts_stats_update(sched: Scheduler) -> None:
     add_worker(sched, W1)
     sched.register_worker(W2, 1.0)
+    sched.tick(1.0)
     update = one(broadcasts(sched.messages_to_send()))
     assert update["type"] == "STATS_UPDATE"
     assert update["stats"]["workerCount"] == 2
@@ -253,6 +255,7 @@ def test_worker_leaving_broadcasts_stats_update(sched: Scheduler) -> None:
     add_worker(sched, W1)
     add_worker(sched, W2)
     sched.client_gone(W1, 1.0)
+    sched.tick(1.0)
     update = one(broadcasts(sched.messages_to_send()))
     assert update["type"] == "STATS_UPDATE"
     assert update["stats"]["workerCount"] == 1
@@ -829,6 +832,7 @@ def test_idle_worker_disconnect_only_updates_stats(sched: Scheduler) -> None:
     add_worker(sched, W2)
     add_session(sched)
     sched.client_gone(W1, 1.0)
+    sched.tick(1.0)
     out = sched.messages_to_send()
     assert len(out) == 1
     assert one(broadcasts(out))["stats"]["workerCount"] == 1
@@ -867,8 +871,10 @@ def test_next_deadline_follows_the_oldest_sign_of_life(sched: Scheduler) -> None
     sched.heartbeat(W1, 20.0)
     assert sched.next_deadline() == 40.0
     sched.client_gone(W2, 21.0)
+    sched.tick(21.0)
     assert sched.next_deadline() == 50.0
     sched.client_gone(W1, 22.0)
+    sched.tick(22.0)
     assert sched.next_deadline() is None
 
 
@@ -878,10 +884,10 @@ def test_next_deadline_uses_the_configured_timeout() -> None:
     assert s.next_deadline() == 105.0
 
 
-def test_expire_before_the_deadline_does_nothing(sched: Scheduler) -> None:
+def test_tick_before_the_deadline_does_nothing(sched: Scheduler) -> None:
     add_worker(sched, W1, now=0.0)
     before = snapshot(sched)
-    sched.expire(29.9)
+    sched.tick(29.9)
     assert sched.messages_to_send() == []
     assert snapshot(sched) == before
 
@@ -889,7 +895,7 @@ def test_expire_before_the_deadline_does_nothing(sched: Scheduler) -> None:
 def test_expire_at_the_deadline_drops_the_silent_worker(sched: Scheduler) -> None:
     add_worker(sched, W1, now=0.0)
     add_worker(sched, W2, now=10.0)
-    sched.expire(30.0)
+    sched.tick(30.0)
     out = sched.messages_to_send()
     dropped = one(disconnects(out))
     assert dropped.client == W1
@@ -904,7 +910,7 @@ def test_expire_requeues_the_silent_workers_task(sched: Scheduler) -> None:
     session_id = add_session(sched)
     (task_id,) = sched.submit_tasks(MASTER, session_id, specs(1), 0.0)
     add_worker(sched, W2, now=20.0)
-    sched.expire(30.0)
+    sched.tick(30.0)
     out = sched.messages_to_send()
     assert one(disconnects(out)).client == W1
     assert assigned(out, W2) == [task_id]
@@ -916,7 +922,7 @@ def test_expired_worker_uses_up_an_attempt() -> None:
     add_worker(s, W1, now=0.0)
     session_id = add_session(s)
     (task_id,) = s.submit_tasks(MASTER, session_id, specs(1), 0.0)
-    s.expire(30.0)
+    s.tick(30.0)
     message = one(sent(s.messages_to_send(), "TASK_FAILED", MASTER))
     assert message["taskId"] == task_id
     assert "silent" in message["error"]
@@ -925,7 +931,7 @@ def test_expired_worker_uses_up_an_attempt() -> None:
 def test_seen_renews_the_lease(sched: Scheduler) -> None:
     add_worker(sched, W1, now=0.0)
     sched.seen(W1, 25.0)
-    sched.expire(30.0)
+    sched.tick(30.0)
     assert sched.messages_to_send() == []
     assert sched.next_deadline() == 55.0
 
@@ -934,9 +940,9 @@ def test_heartbeat_renews_the_lease_and_sends_nothing(sched: Scheduler) -> None:
     add_worker(sched, W1, now=0.0)
     sched.heartbeat(W1, 25.0)
     assert sched.messages_to_send() == []
-    sched.expire(54.9)
+    sched.tick(54.9)
     assert sched.messages_to_send() == []
-    sched.expire(55.0)
+    sched.tick(55.0)
     assert one(disconnects(sched.messages_to_send())).client == W1
 
 
@@ -946,7 +952,7 @@ def test_a_busy_worker_keeps_its_task_while_it_heartbeats(sched: Scheduler) -> N
     (task_id,) = sched.submit_tasks(MASTER, session_id, specs(1), 0.0)
     for now in (10.0, 20.0, 30.0, 40.0):
         sched.heartbeat(W1, now)
-        sched.expire(now + 29.0)
+        sched.tick(now + 29.0)
     sched.messages_to_send()
     sched.complete_task(W1, task_id, "url", 69.0)
     assert one(sent(sched.messages_to_send(), "TASK_COMPLETED"))["taskId"] == task_id
@@ -1084,6 +1090,7 @@ def test_worker_holding_a_cancelled_task_may_disconnect(sched: Scheduler) -> Non
     sched.client_gone(MASTER, 1.0)
     sched.messages_to_send()
     sched.client_gone(W1, 2.0)
+    sched.tick(2.0)
     out = sched.messages_to_send()
     assert [type(item) for item in out] == [Broadcast]
     assert counts(sched) == {
@@ -1154,6 +1161,7 @@ def test_bridge_gone_requeues_tasks_of_its_workers(sched: Scheduler) -> None:
     (task_id,) = sched.submit_tasks(MASTER, session_id, specs(1), 0.0)
     add_worker(sched, W1)
     sched.bridge_gone(OTHER_BRIDGE, 1.0)
+    sched.tick(1.0)
     out = sched.messages_to_send()
     assert assigned(out, W1) == [task_id]
     assert one(broadcasts(out))["stats"]["workerCount"] == 1
@@ -1515,3 +1523,28 @@ def test_repr_shows_counts(sched: Scheduler) -> None:
     session_id = add_session(sched)
     sched.submit_tasks(MASTER, session_id, specs(3), 0.0)
     assert repr(sched) == "Scheduler(workers=1, sessions=1, pending=2, tasks=3)"
+
+
+def test_a_burst_of_joins_makes_one_stats_push_with_fresh_stats(
+    sched: Scheduler,
+) -> None:
+    """Pushes are coalesced to one per STATS_PUSH_INTERVAL, counted at push time."""
+    add_worker(sched, W1, now=0.0)
+    for number, now in ((2, 0.05), (3, 0.1), (4, 0.2)):
+        sched.register_worker(client(number), now)
+    sched.messages_to_send()
+    assert sched.next_deadline() == STATS_PUSH_INTERVAL
+
+    sched.tick(0.2)
+    assert broadcasts(sched.messages_to_send()) == []
+    sched.tick(STATS_PUSH_INTERVAL)
+    update = one(broadcasts(sched.messages_to_send()))
+    assert update["stats"]["workerCount"] == 4
+
+
+def test_a_lone_change_is_pushed_at_once(sched: Scheduler) -> None:
+    add_worker(sched, W1, now=0.0)
+    sched.register_worker(W2, 10.0)
+    assert sched.next_deadline() == 10.0
+    sched.tick(10.0)
+    assert one(broadcasts(sched.messages_to_send()))["stats"]["workerCount"] == 2

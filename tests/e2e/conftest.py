@@ -51,8 +51,12 @@ class Deployment:
         wait_ready(port, process)
         return process, port
 
-    def core(self, *options: str) -> tuple[Process, str]:
-        endpoint = f"tcp://127.0.0.1:{free_port()}"
+    def core(self, *options: str, endpoint: str | None = None) -> tuple[Process, str]:
+        """
+        Start linkup-core on ``endpoint`` (a free port by default).
+
+        """
+        endpoint = endpoint or f"tcp://127.0.0.1:{free_port()}"
         process = self.start(
             f"core-{len(self.processes)}",
             "-m",

@@ -179,16 +179,7 @@ async def test_bridge_reconnects_to_a_new_core_on_the_same_endpoint(deployment):
     ready, _ = await _get_async(port, "/readyz")
     assert ready == 503
 
-    deployment.start(
-        "core-restarted",
-        "-m",
-        "core",
-        "--bind",
-        endpoint,
-        "--log-level",
-        "DEBUG",
-        *FAST_LINK,
-    )
+    deployment.core(*FAST_LINK, endpoint=endpoint)
     await asyncio.to_thread(wait_ready, port, bridge, NOTICE_WITHIN)
 
     # The new core knows nothing of the old clients: a fresh start.
