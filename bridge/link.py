@@ -106,7 +106,7 @@ class CoreLink:
             Unavailable: The link is down.
 
         """
-        if not self.up.is_set() and command is not Command.HELLO:
+        if not self.up.is_set():
             raise Unavailable("linkup core is unavailable, try again later")
         await self._send(command, header, payloads)
 

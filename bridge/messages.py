@@ -158,18 +158,13 @@ def parse_cut_message(cut: CutMessage, size: int) -> Inbound | None:
         document = orjson.loads(cut.skeleton)
     except orjson.JSONDecodeError:
         return None
-    message_type, message = _validate(document)
+    _, message = _validate(document)
     if not isinstance(message, _SubmitTasks):
         return None
     if [task.dataBase64 for task in message.tasks] != cut.placeholders:
         return None
 
-    tasks = [
-        {"filename": task.filename, "mimeType": task.mimeType, "size": task.size}
-        for task in message.tasks
-    ]
-    header = {"type": message_type, "sessionId": message.sessionId, "tasks": tasks}
-    return Inbound(message_type, header, list(cut.payloads), size)
+    return _submit_tasks_inbound(message, list(cut.payloads), size)
 
 
 def _validate(document: Any) -> tuple[str, msgspec.Struct]:
@@ -188,15 +183,23 @@ def _validate(document: Any) -> tuple[str, msgspec.Struct]:
 
 
 def _split_submit_tasks(message: _SubmitTasks, size: int) -> Inbound:
-    tasks = []
     payloads: list[Payload] = []
     for task in message.tasks:
         payloads.append(_json_string_body(task.dataBase64))
         # Let go of the text as soon as its bytes exist: one copy at a time.
         task.dataBase64 = ""
-        tasks.append(
-            {"filename": task.filename, "mimeType": task.mimeType, "size": task.size}
-        )
+    return _submit_tasks_inbound(message, payloads, size)
+
+
+def _submit_tasks_inbound(
+    message: _SubmitTasks, payloads: list[Payload], size: int
+) -> Inbound:
+    # The header the core reads: each task without its data, which travels
+    # as the payload of the same index.
+    tasks = [
+        {"filename": task.filename, "mimeType": task.mimeType, "size": task.size}
+        for task in message.tasks
+    ]
     header = {"type": "SUBMIT_TASKS", "sessionId": message.sessionId, "tasks": tasks}
     return Inbound("SUBMIT_TASKS", header, payloads, size)
 

@@ -111,15 +111,13 @@ class Bridge:
         self._numbers = itertools.count(1)
         self._stats_requests: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._request_numbers = itertools.count(1)
-        #: The port actually bound, once serving (useful with port 0).
-        self.port: int | None = None
 
         self.registry = CollectorRegistry()
         self.metrics = BridgeMetrics(self.registry, KNOWN_TYPES, ERROR_CODES)
         self.metrics.connections.set_function(lambda: len(self._clients))
         self.metrics.core_link_up.set_function(lambda: int(self.link.up.is_set()))
 
-    async def run(self, ready: asyncio.Event | None = None) -> None:
+    async def run(self) -> None:
         """
         Serve until cancelled, then close every connection and the link.
 
@@ -143,16 +141,14 @@ class Bridge:
                 ) as server,
                 asyncio.TaskGroup() as tasks,
             ):
-                self.port = next(iter(server.sockets)).getsockname()[1]
+                port = next(iter(server.sockets)).getsockname()[1]
                 logger.info(
                     "bridge listening on %s:%s, core %s",
                     self.options.host,
-                    self.port,
+                    port,
                     self.options.core,
                 )
                 tasks.create_task(self.link.run())
-                if ready is not None:
-                    ready.set()
                 await asyncio.Future()  # until cancelled
         finally:
             await self.link.close()
@@ -180,10 +176,6 @@ class Bridge:
             raise Unavailable("linkup core did not answer in time") from None
         finally:
             self._stats_requests.pop(number, None)
-
-    @property
-    def client_count(self) -> int:
-        return len(self._clients)
 
     # Plugin connections.
 
