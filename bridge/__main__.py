@@ -45,8 +45,26 @@ def add_bridge_options(parser: argparse.ArgumentParser) -> None:
         type=positive_float,
         default=_DEFAULTS.ping_timeout,
         metavar="SECONDS",
-        help="close a connection whose ping is not answered within this time "
-        "(default: %(default)s)",
+        help="close a connection whose ping has waited this long for its pong "
+        "while no data moved either way (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-outbox",
+        type=byte_size,
+        default=_DEFAULTS.max_outbox_bytes,
+        metavar="BYTES",
+        help="bytes waiting to be sent to one client, e.g. 64MiB, beyond which "
+        "the client is closed as too slow (1008); one larger message is still "
+        "sent on its own (default: 64MiB)",
+    )
+    parser.add_argument(
+        "--core-grace",
+        type=positive_float,
+        default=_DEFAULTS.core_grace,
+        metavar="SECONDS",
+        help="while the core is away (restarting), keep clients connected this "
+        "long so that it can take them back; then close them (default: "
+        "%(default)s)",
     )
 
 
@@ -139,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         link_timeout=args.link_timeout,
         ping_interval=args.ping_interval,
         ping_timeout=args.ping_timeout,
+        max_outbox_bytes=args.max_outbox,
+        core_grace=args.core_grace,
     )
     try:
         asyncio.run(serve(options))

@@ -4,9 +4,12 @@ The bridge's end of the core-bridge link: one DEALER socket, supervised.
 The link is *up* between a WELCOME from the core and the moment the core is
 lost: silent for ``link_timeout`` seconds, or answering RESET because it no
 longer knows this bridge (it restarted, or gave the bridge up for dead). When
-the link goes down the bridge is told (:meth:`LinkHandler.on_link_lost`) so
-that it can close its clients, whose state the core no longer has; the link
-then says HELLO every tenth of a second until a core answers.
+the link goes down the bridge is told (:meth:`LinkHandler.on_link_lost`); the
+link then says HELLO every tenth of a second until a core answers. Each HELLO
+lists the bridge's live connections (:meth:`LinkHandler.client_claims`), so
+that a restarted core can pick up where it was without the plugins
+reconnecting; the WELCOME says which of them the core knows
+(:meth:`LinkHandler.on_link_up`).
 """
 
 from __future__ import annotations
@@ -33,6 +36,15 @@ logger = logging.getLogger("linkup.bridge.link")
 
 class LinkHandler(Protocol):
     def on_core_message(self, envelope: wire.Envelope) -> None: ...
+
+    def client_claims(self) -> list[dict[str, Any]]:
+        """
+        The live connections, for HELLO: ``{"client", "holds", "report"}``.
+
+        """
+        ...
+
+    def on_link_up(self, known: list[int], core_restarted: bool) -> None: ...
 
     def on_link_lost(self, reason: str) -> None: ...
 
@@ -72,6 +84,9 @@ class CoreLink:
         self._clock = clock
         self._last_heard = 0.0
         self._last_sent = 0.0
+        #: Counts this bridge's attempts to join; HELLOs repeated while
+        #: waiting for a WELCOME share one number, so the core answers once.
+        self._join = 1
 
         self._socket = context.socket(zmq.DEALER)
         self._socket.setsockopt(zmq.ROUTING_ID, self.instance.encode())
@@ -168,7 +183,7 @@ class CoreLink:
                     logger.debug("- ignored %s while joining", envelope.command.name)
 
     def _on_welcome(self, header: dict[str, Any]) -> None:
-        if self.up.is_set():
+        if self.up.is_set() or header.get("join", self._join) != self._join:
             return
         if header.get("heartbeat") != self.heartbeat_interval:
             logger.warning(
@@ -179,11 +194,13 @@ class CoreLink:
                 self.heartbeat_interval,
             )
         core = str(header.get("core"))
-        if self.core_instance is not None and core != self.core_instance:
+        restarted = self.core_instance is not None and core != self.core_instance
+        if restarted:
             logger.info("core restarted: instance %s, was %s", core, self.core_instance)
         self.core_instance = core
         self.up.set()
         logger.info("connected to core %s instance=%s", self.endpoint, core)
+        self._handler.on_link_up(list(header.get("known", ())), restarted)
 
     async def _heartbeat_loop(self) -> None:
         await self._say_hello()
@@ -212,7 +229,12 @@ class CoreLink:
         try:
             await self._send(
                 Command.HELLO,
-                {"bridge": self.instance, "heartbeat": self.heartbeat_interval},
+                {
+                    "bridge": self.instance,
+                    "heartbeat": self.heartbeat_interval,
+                    "join": self._join,
+                    "clients": self._handler.client_claims(),
+                },
             )
         except Unavailable:
             logger.debug("- no core at %s yet", self.endpoint)
@@ -220,4 +242,5 @@ class CoreLink:
     def _lose(self, reason: str) -> None:
         logger.warning("lost the core: %s", reason)
         self.up.clear()
+        self._join += 1
         self._handler.on_link_lost(reason)

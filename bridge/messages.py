@@ -73,6 +73,23 @@ class _NoFields(msgspec.Struct):
     pass
 
 
+# Additions of linkup's own; the plugin never sends them.
+
+
+class _SessionRef(msgspec.Struct):
+    sessionId: str
+
+
+class _TaskRef(msgspec.Struct):
+    taskId: str
+
+
+class _ResumeSession(msgspec.Struct):
+    sessionId: str
+    #: How many of the session's results the client already has.
+    after: NonNegative = 0
+
+
 # Every type a client may send, with the schema its fields must match.
 # Unknown extra fields are ignored, so newer plugins stay welcome.
 _SCHEMAS: dict[str, type[msgspec.Struct]] = {
@@ -84,6 +101,9 @@ _SCHEMAS: dict[str, type[msgspec.Struct]] = {
     "TASK_COMPLETED": _TaskCompleted,
     "TASK_FAILED": _TaskFailed,
     "TASK_WAITING": _TaskWaiting,
+    "CANCEL_SESSION": _SessionRef,
+    "CANCEL_TASK": _TaskRef,
+    "RESUME_SESSION": _ResumeSession,
 }
 
 KNOWN_TYPES = frozenset(_SCHEMAS)

@@ -27,6 +27,8 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 
 from bridge import http
+from bridge.continuity import REPORTS, Continuity
+from bridge.keepalive import KeepaliveConnection, close_promptly
 from bridge.link import CoreLink
 from bridge.messages import (
     KNOWN_TYPES,
@@ -36,6 +38,7 @@ from bridge.messages import (
     parse_client_message,
     parse_cut_message,
 )
+from bridge.outbox import DEFAULT_MAX_BYTES, Close, Outbox
 from bridge.payloads import LARGE_MESSAGE, cut_payloads, is_verbatim
 from core import wire
 from core.errors import (
@@ -56,6 +59,10 @@ logger = logging.getLogger("linkup.bridge")
 CLOSE_CORE_LOST = 1011
 CLOSE_TRY_AGAIN_LATER = 1013
 
+# websockets' close_timeout, here explicit because it also bounds closing a
+# client that has stopped reading (bridge.keepalive.close_promptly).
+CLOSE_TIMEOUT = 10.0
+
 
 @dataclass(frozen=True, slots=True)
 class BridgeOptions:
@@ -71,25 +78,30 @@ class BridgeOptions:
     max_message_size: int = 2**30
     heartbeat_interval: float = 1.0
     link_timeout: float = 3.0
-    #: WebSocket keepalive; the timeout is generous so that a peer busy
-    #: sending a large batch is not mistaken for a dead one.
+    #: WebSocket keepalive: a ping every ping_interval; a connection is
+    #: closed when a ping has waited ping_timeout for its pong while no byte
+    #: moved either way (bridge.keepalive), so a client busy sending or
+    #: receiving a large message is never mistaken for a dead one.
     ping_interval: float = 20.0
     ping_timeout: float = 60.0
+    #: Bytes a client's outbox may hold before the client is closed as too
+    #: slow (bridge.outbox).
+    max_outbox_bytes: int = DEFAULT_MAX_BYTES
+    #: How long clients stay connected while the core is away, so that a
+    #: restarted core can take them back; after that they are closed.
+    core_grace: float = 120.0
 
 
-@dataclass(frozen=True, slots=True)
-class _Close:
-    code: int
-    reason: str
+_Close = Close
 
 
 @dataclass(eq=False, slots=True)
 class _Client:
     number: int
     websocket: ServerConnection
-    # TODO: bound the outbox and push back on a client that reads slowly;
-    # today a stalled reader makes its queue grow without limit.
-    outbox: asyncio.Queue[bytes | _Close] = field(default_factory=asyncio.Queue)
+    continuity: Continuity = field(default_factory=Continuity)
+    # Bounded: see bridge.outbox. _send_loop sets its limit.
+    outbox: Outbox = field(default_factory=Outbox)
 
 
 class Bridge:
@@ -110,6 +122,8 @@ class Bridge:
         self._clients: dict[int, _Client] = {}
         self._numbers = itertools.count(1)
         self._stats_requests: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._close_timer: asyncio.TimerHandle | None = None
+        self._background: set[asyncio.Task[None]] = set()
         self._request_numbers = itertools.count(1)
 
         self.registry = CollectorRegistry()
@@ -136,8 +150,13 @@ class Bridge:
                     # Deflate costs ~20 ms of CPU per MiB of Base64 and the
                     # LAN does not need it.
                     compression=None,
+                    # KeepaliveConnection takes ping_timeout as the time a
+                    # ping may wait while no byte moves either way; it turns
+                    # websockets' own, pong-only, timeout off.
+                    create_connection=KeepaliveConnection,
                     ping_interval=self.options.ping_interval,
                     ping_timeout=self.options.ping_timeout,
+                    close_timeout=CLOSE_TIMEOUT,
                 ) as server,
                 asyncio.TaskGroup() as tasks,
             ):
@@ -274,7 +293,25 @@ class Bridge:
                 inbound.payloads,
             )
         except Unavailable as exc:
-            self._refuse(client, exc)
+            self._hold_while_away(client, inbound, exc)
+        else:
+            client.continuity.forwarded(inbound.type, inbound.header)
+
+    def _hold_while_away(
+        self, client: _Client, inbound: Inbound, error: Unavailable
+    ) -> None:
+        # The core is away. A report is kept for it; signs of life are not
+        # needed (the core hears of live connections when it is back); any
+        # other request is refused, so that the client knows.
+        if inbound.type in REPORTS:
+            logger.info(
+                "core away, report kept client=%d type=%s", client.number, inbound.type
+            )
+            client.continuity.keep_report(inbound.header, sent=False)
+        elif inbound.type in ("WORKER_HEARTBEAT", "TASK_WAITING"):
+            logger.debug("- %s dropped while the core is away", inbound.type)
+        else:
+            self._refuse(client, error)
 
     def _refuse(self, client: _Client, error: LinkupError) -> None:
         logger.warning(
@@ -284,16 +321,59 @@ class Bridge:
         client.outbox.put_nowait(encode_error(error))
 
     async def _send_loop(self, client: _Client) -> None:
+        # The only writer to this WebSocket. Other tasks only put into the
+        # outbox, which never waits: a client that reads slowly holds up this
+        # loop and nothing else.
         websocket = client.websocket
+        outbox = client.outbox
+        # Set here, not where the client is made: this task starts before the
+        # link or the client's messages can queue anything but the first item,
+        # which an empty outbox takes whatever the limit.
+        outbox.max_bytes = self.options.max_outbox_bytes
+        sending: asyncio.Timeout | None = None
+
+        def overflowed(close: Close) -> None:
+            logger.warning(
+                "client=%d too slow, closing: %s (--max-outbox %d)",
+                client.number,
+                close.reason,
+                self.options.max_outbox_bytes,
+            )
+            # The message being sent may be stuck behind a peer that does not
+            # read: stop waiting for it, and go on to the Close now queued.
+            if sending is not None:
+                sending.reschedule(-1)
+
+        outbox.on_overflow = overflowed
         try:
             while True:
-                item = await client.outbox.get()
-                if isinstance(item, _Close):
-                    await websocket.close(item.code, item.reason)
+                item = await outbox.get()
+                if isinstance(item, Close):
+                    await close_promptly(websocket, item.code, item.reason)
                     return
-                await websocket.send(item, text=True)
+                try:
+                    # Cancelling send() is safe here: it only ever waits after
+                    # writing the whole frame to the transport, for the buffer
+                    # to drain.
+                    async with asyncio.timeout(None) as sending:
+                        await websocket.send(item, text=True)
+                except TimeoutError:
+                    pass
+                finally:
+                    sending = None
         except ConnectionClosed:
             pass
+
+    def _broadcast(self, message: dict[str, Any]) -> None:
+        data = orjson.dumps(message)
+        # A STATS_UPDATE is a snapshot: a client that has not yet been sent
+        # the previous one gets only the newest.
+        if message.get("type") == "STATS_UPDATE":
+            for client in self._clients.values():
+                client.outbox.put_latest(data)
+        else:
+            for client in self._clients.values():
+                client.outbox.put_nowait(data)
 
     # Messages from the core (LinkHandler).
 
@@ -308,6 +388,7 @@ class Bridge:
                     return
                 if message.get("type") == "ERROR":
                     self.metrics.error_sent(message.get("code", ""))
+                client.continuity.delivered(message)
                 payload = envelope.payloads[0] if envelope.payloads else None
                 if logger.isEnabledFor(logging.DEBUG):
                     logger.debug(
@@ -318,9 +399,7 @@ class Bridge:
                     )
                 client.outbox.put_nowait(encode_for_client(message, payload))
             case Command.BROADCAST:
-                data = orjson.dumps(header["message"])
-                for client in self._clients.values():
-                    client.outbox.put_nowait(data)
+                self._broadcast(header["message"])
             case Command.CLOSE_CLIENT:
                 client = self._clients.get(header["client"])
                 if client is not None:
@@ -335,14 +414,86 @@ class Bridge:
             case _:
                 logger.warning("unexpected command from core %s", envelope.command.name)
 
-    def on_link_lost(self, reason: str) -> None:
-        # The core has forgotten our clients, or soon will: close them so that
-        # the plugins reconnect and register afresh.
+    def client_claims(self) -> list[dict[str, Any]]:
+        return [
+            client.continuity.claim(number)
+            for number, client in self._clients.items()
+            if client.continuity.has_role
+        ]
+
+    def on_link_up(self, known: list[int], core_restarted: bool) -> None:
+        if self._close_timer is not None:
+            self._close_timer.cancel()
+            self._close_timer = None
+
+        # A connection with a role the core no longer has (a core without a
+        # data dir restarted, or it gave this bridge up) must start over.
+        known_set = set(known)
         for client in self._clients.values():
-            client.outbox.put_nowait(_Close(CLOSE_CORE_LOST, "linkup core lost"))
+            if client.continuity.has_role and client.number not in known_set:
+                client.continuity.has_role = False
+                self._close(client, CLOSE_CORE_LOST, "linkup core lost this connection")
+
+        # Reports that never reached the link go now, marked as replayed so
+        # that the core ignores one it got through the HELLO already.
+        for client in self._clients.values():
+            continuity = client.continuity
+            if continuity.report_unsent and continuity.report is not None:
+                continuity.report_unsent = False
+                self._send_replayed(client.number, continuity.report)
+
+    def on_link_lost(self, reason: str) -> None:
         for future in self._stats_requests.values():
             if not future.done():
                 future.set_exception(Unavailable(f"linkup core lost: {reason}"))
+
+        # A request the core may never have received is answered with an
+        # error rather than left waiting.
+        for client in self._clients.values():
+            awaiting = client.continuity.awaiting
+            if awaiting is not None:
+                client.continuity.awaiting = None
+                self._refuse(
+                    client,
+                    Unavailable(
+                        f"linkup core stopped before answering {awaiting}; "
+                        "send it again"
+                    ),
+                )
+
+        # Clients stay connected for a while, so that a restarted core can
+        # take them back; after that they are closed and reconnect.
+        if self._close_timer is None:
+            self._close_timer = asyncio.get_running_loop().call_later(
+                self.options.core_grace, self._close_all_after_grace
+            )
+
+    def _close_all_after_grace(self) -> None:
+        self._close_timer = None
+        if self.link.up.is_set():
+            return
+        logger.warning(
+            "core away for %gs, closing %d clients",
+            self.options.core_grace,
+            len(self._clients),
+        )
+        for client in self._clients.values():
+            self._close(client, CLOSE_CORE_LOST, "linkup core lost")
+
+    def _close(self, client: _Client, code: int, reason: str) -> None:
+        client.outbox.put_nowait(_Close(code, reason))
+
+    def _send_replayed(self, number: int, report: dict[str, Any]) -> None:
+        async def send() -> None:
+            with contextlib.suppress(Unavailable):
+                await self.link.send(
+                    Command.CLIENT_MESSAGE,
+                    {"client": number, "message": report, "replay": True},
+                )
+
+        task = asyncio.get_running_loop().create_task(send())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
 
 def _remote(websocket: ServerConnection) -> str:

@@ -6,22 +6,38 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import secrets
 import signal
 import sys
+import time
+from pathlib import Path
 from types import FrameType
 
 import zmq
 
-from core.scheduler import DEFAULT_MAX_ATTEMPTS, DEFAULT_WORKER_TIMEOUT, Scheduler
+from core.scheduler import (
+    DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_RESUME_GRACE,
+    DEFAULT_RETENTION,
+    DEFAULT_TASK_TIMEOUT,
+    DEFAULT_WORKER_TIMEOUT,
+    Scheduler,
+)
 from core.server import (
     DEFAULT_BIND,
     DEFAULT_HEARTBEAT_INTERVAL,
     DEFAULT_LINK_TIMEOUT,
     CoreServer,
 )
+from core.spool import Spool
+from core.store import StorageError, Store, open_data_dir, open_memory
 from linkup import __version__
 from linkup.logs import add_log_level_option, configure_logging
+
+# Refuse to start with less free space than this in the data dir: a core
+# that fills the disk mid-batch can only refuse files.
+DEFAULT_MIN_FREE_SPACE = 64 * 2**20
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,11 +52,52 @@ def build_parser() -> argparse.ArgumentParser:
         help="ZeroMQ endpoint for bridges to connect to; tcp://0.0.0.0:PORT "
         "accepts bridges on other machines",
     )
+    add_storage_options(parser, default_data_dir("core"))
     add_scheduler_options(parser)
     add_link_options(parser)
     add_log_level_option(parser)
     parser.add_argument("--version", action="version", version=__version__)
     return parser
+
+
+def default_data_dir(name: str) -> Path:
+    """
+    Where a core keeps its queue unless told otherwise: under
+    ``$XDG_DATA_HOME/linkup`` (``~/.local/share/linkup``).
+
+    """
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(base) / "linkup" / name
+
+
+def add_storage_options(parser: argparse.ArgumentParser, data_dir: Path | None) -> None:
+    storage = parser.add_mutually_exclusive_group()
+    storage.add_argument(
+        "--data-dir",
+        type=Path,
+        default=data_dir,
+        metavar="DIR",
+        help="keep the task queue and the queued files here; survives "
+        "restarts (default: %s)" % (data_dir or default_data_dir("port-PORT")),
+    )
+    storage.add_argument(
+        "--memory",
+        action="store_true",
+        help="keep everything in memory instead; a restart loses the queue",
+    )
+    parser.add_argument(
+        "--fsync",
+        action="store_true",
+        help="flush every change to the disk itself, so that the queue also "
+        "survives a power cut (slower); without it, it survives crashes",
+    )
+    parser.add_argument(
+        "--min-free-space",
+        type=byte_size,
+        default=DEFAULT_MIN_FREE_SPACE,
+        metavar="BYTES",
+        help="refuse to start with less free space than this in the data dir",
+    )
 
 
 def add_scheduler_options(parser: argparse.ArgumentParser) -> None:
@@ -58,6 +115,77 @@ def add_scheduler_options(parser: argparse.ArgumentParser) -> None:
         choices=range(1, 101),
         metavar="N",
         help="attempts per task before the master is told it failed",
+    )
+    parser.add_argument(
+        "--task-timeout",
+        type=non_negative_float,
+        default=DEFAULT_TASK_TIMEOUT,
+        metavar="SECONDS",
+        help="take a task back from a worker with no result this long after "
+        "assigning it (plus any rate-limit wait it reported); 0: no limit",
+    )
+    parser.add_argument(
+        "--resume-grace",
+        type=non_negative_float,
+        default=DEFAULT_RESUME_GRACE,
+        metavar="SECONDS",
+        help="keep a session whose master disconnected paused this long for "
+        "RESUME_SESSION before dropping its queue; 0: drop at once",
+    )
+    parser.add_argument(
+        "--retention",
+        type=non_negative_float,
+        default=DEFAULT_RETENTION,
+        metavar="SECONDS",
+        help="keep an ended session's results this long for RESUME_SESSION",
+    )
+
+
+def scheduler_and_storage_argv(args: argparse.Namespace) -> list[str]:
+    """
+    The options of :func:`add_storage_options` and
+    :func:`add_scheduler_options` as linkup-core's command line, for a
+    launcher that parsed them.
+
+    """
+    argv = ["--memory"] if args.memory else ["--data-dir", str(args.data_dir)]
+    if args.fsync:
+        argv.append("--fsync")
+    for option in (
+        "min_free_space",
+        "worker_timeout",
+        "max_attempts",
+        "task_timeout",
+        "resume_grace",
+        "retention",
+    ):
+        argv += [f"--{option.replace('_', '-')}", str(getattr(args, option))]
+    return argv
+
+
+def build_scheduler(args: argparse.Namespace, instance: str) -> Scheduler:
+    return Scheduler(
+        instance,
+        max_attempts=args.max_attempts,
+        worker_timeout=args.worker_timeout,
+        task_timeout=args.task_timeout or None,
+        resume_grace=args.resume_grace,
+        retention=args.retention,
+    )
+
+
+def open_storage(args: argparse.Namespace) -> tuple[Store, Spool]:
+    """
+    Open the store and spool that the options ask for.
+
+    Raises:
+        StorageError: The data dir cannot be used; the message says why.
+
+    """
+    if args.memory:
+        return open_memory()
+    return open_data_dir(
+        args.data_dir, fsync=args.fsync, min_free_bytes=args.min_free_space
     )
 
 
@@ -89,6 +217,43 @@ def positive_float(text: str) -> float:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {text}")
+    return value
+
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+}
+
+
+def byte_size(text: str) -> int:
+    number = text.strip().lower()
+    unit = number.lstrip("0123456789.")
+    digits = number[: len(number) - len(unit)]
+    try:
+        value = int(float(digits) * _UNITS[unit.strip()])
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a size such as 1073741824, 512MiB or 1GiB"
+        ) from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be positive")
+    return value
+
+
 def port_number(text: str) -> int:
     try:
         value = int(text)
@@ -108,11 +273,18 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.log_level)
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
 
+    try:
+        store, spool = open_storage(args)
+        snapshot = store.load()
+    except StorageError as exc:
+        sys.exit(f"linkup-core: {exc}")
+
     # Ids made by this run carry its instance id, so that a restarted core
     # never hands out an id that an old client still remembers.
     instance = secrets.token_hex(3)
-    scheduler = Scheduler(
-        instance, max_attempts=args.max_attempts, worker_timeout=args.worker_timeout
+    scheduler = build_scheduler(args, instance)
+    scheduler.restore(
+        snapshot.sessions, snapshot.tasks, snapshot.workers, time.monotonic()
     )
     context = zmq.Context()
     try:
@@ -120,12 +292,16 @@ def main(argv: list[str] | None = None) -> int:
             context,
             args.bind,
             scheduler,
+            store,
+            spool,
             instance=instance,
             heartbeat_interval=args.heartbeat_interval,
             link_timeout=args.link_timeout,
         )
     except zmq.ZMQError as exc:
         context.destroy(linger=0)
+        store.close()
+        spool.close()
         sys.exit(f"linkup-core: cannot bind {args.bind}: {exc}")
 
     try:

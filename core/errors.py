@@ -16,8 +16,10 @@ one place, log it at WARNING and answer ``{"type": "ERROR", "code": ...,
     │   ├── WrongRole
     │   ├── UnknownSession
     │   ├── SessionClosed
+    │   ├── UnknownTask
     │   └── TaskNotHeld
     ├── Unavailable          linkup cannot serve the request right now
+    │   └── StorageFailed    the core could not store the files
     └── InternalError        a bug in linkup; the log has the details
 """
 
@@ -33,9 +35,11 @@ __all__ = [
     "LinkupError",
     "ProtocolError",
     "SessionClosed",
+    "StorageFailed",
     "TaskNotHeld",
     "Unavailable",
     "UnknownSession",
+    "UnknownTask",
     "UnknownType",
     "WrongRole",
 ]
@@ -88,8 +92,10 @@ class WrongRole(InvalidState):
 class UnknownSession(InvalidState):
     code = "unknown_session"
 
-    def __init__(self, session_id: str) -> None:
-        super().__init__(f"no session {session_id!r} belongs to this connection")
+    def __init__(self, session_id: str, message: str | None = None) -> None:
+        super().__init__(
+            message or f"no session {session_id!r} belongs to this connection"
+        )
         self.session_id = session_id
 
 
@@ -103,16 +109,36 @@ class SessionClosed(InvalidState):
         self.session_id = session_id
 
 
+class UnknownTask(InvalidState):
+    code = "unknown_task"
+
+    def __init__(self, task_id: str) -> None:
+        super().__init__(
+            f"no pending or running task {task_id!r} belongs to this connection"
+        )
+        self.task_id = task_id
+
+
 class TaskNotHeld(InvalidState):
     code = "task_not_held"
 
-    def __init__(self, task_id: str) -> None:
-        super().__init__(f"task {task_id!r} is not assigned to this worker")
+    def __init__(self, task_id: str, message: str | None = None) -> None:
+        super().__init__(message or f"task {task_id!r} is not assigned to this worker")
         self.task_id = task_id
 
 
 class Unavailable(LinkupError):
     code = "unavailable"
+
+
+class StorageFailed(Unavailable):
+    """
+    The core could not write the submitted files to its data dir (disk full,
+    for one); nothing of the request was accepted.
+
+    """
+
+    code = "storage_error"
 
 
 class InternalError(LinkupError):

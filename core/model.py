@@ -1,7 +1,8 @@
 """
 The records the scheduler keeps: workers, sessions and tasks.
 
-Plain data with no behaviour; :mod:`core.scheduler` owns every transition.
+Plain data with no behaviour; :mod:`core.scheduler` owns every transition and
+:mod:`core.store` writes these records to disk as they are.
 """
 
 from __future__ import annotations
@@ -11,15 +12,16 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from core.wire import Payload
-
 __all__ = [
     "Broadcast",
+    "Changes",
+    "ClientClaim",
     "ClientRef",
     "Disconnect",
     "Outgoing",
     "Send",
     "Session",
+    "SessionState",
     "Task",
     "TaskSpec",
     "TaskState",
@@ -32,10 +34,17 @@ ClientRef = tuple[bytes, int]
 
 
 class TaskState(enum.Enum):
+    #: Waiting in its session's queue for a worker.
     PENDING = "pending"
+    #: Out with a worker: the current attempt.
     ASSIGNED = "assigned"
-    #: The master went away while a worker held the task; the worker's report
-    #: is still accepted, so that the worker is freed, and then discarded.
+
+
+class SessionState(enum.Enum):
+    OPEN = "open"
+    #: Every task has its outcome; SESSION_COMPLETED was sent.
+    COMPLETED = "completed"
+    #: The master cancelled it; SESSION_CANCELLED was sent.
     CANCELLED = "cancelled"
 
 
@@ -44,32 +53,50 @@ class TaskSpec:
     """
     One file of a ``SUBMIT_TASKS`` message, as the scheduler receives it.
 
+    The file itself is already in the spool, under ``payload_key``.
+
     """
 
     filename: str
     mime_type: str
     size: int
-    payload: Payload
+    payload_key: str
+    payload_size: int
 
 
 @dataclass(slots=True)
 class Task:
     id: str
     session_id: str
+    #: Position in its session, in submission order.
+    seq: int
     spec: TaskSpec
     state: TaskState = TaskState.PENDING
     #: Attempts started so far; an attempt starts when the task is assigned.
     attempts: int = 0
     worker_id: str | None = None
+    #: When the current attempt must have ended, or None for no limit.
+    deadline: float | None = None
+    last_error: str | None = None
 
 
 @dataclass(slots=True)
 class Worker:
     id: str
     client: ClientRef
-    #: The last time the worker said anything: its lease and liveness.
+    #: The last time the worker said anything: its liveness.
     last_seen: float
+    #: The task the worker is busy with, from its own point of view.
     task_id: str | None = None
+    #: Why ``task_id`` no longer counts, if it does not: "cancelled" (its
+    #: report is discarded quietly) or "expired" (its report is refused).
+    #: The worker stays busy until it reports, so it never gets two files.
+    released: str | None = None
+    #: Rate-limited by the upload site: no new task before this time.
+    not_before: float = 0.0
+    #: False for a worker restored from the store whose bridge has not yet
+    #: said that the connection is still there.
+    claimed: bool = True
     completed: int = 0
     failed: int = 0
     total_bytes: int = 0
@@ -78,40 +105,106 @@ class Worker:
 @dataclass(slots=True)
 class Session:
     id: str
+    #: The master's connection, current or last known.
     master: ClientRef
-    created_at: float
-    #: Task ids waiting for a worker, oldest first; retries go to the front.
+    state: SessionState = SessionState.OPEN
+    #: False while the master is away; its queue is then paused.
+    attached: bool = True
+    #: While detached: when the session is dropped unless resumed.
+    detached_until: float | None = None
+    #: Once ended: when it is forgotten.
+    expires_at: float | None = None
+    #: Task ids waiting for a worker, in order; retries go to the front.
     pending: deque[str] = field(default_factory=deque)
     total: int = 0
     completed: int = 0
     failed: int = 0
+    cancelled: int = 0
+    #: Every outcome message sent to the master, in order, for RESUME_SESSION.
+    results: list[dict[str, Any]] = field(default_factory=list)
     #: When the session last had a task assigned, in assignments made by the
     #: scheduler; 0 if never. Round-robin serves the smallest first.
     last_served: int = 0
 
     @property
     def ended(self) -> int:
-        return self.completed + self.failed
+        return self.completed + self.failed + self.cancelled
 
     @property
-    def finished(self) -> bool:
+    def all_ended(self) -> bool:
         return self.total > 0 and self.ended == self.total
 
+    @property
+    def closed(self) -> bool:
+        return self.state is not SessionState.OPEN
+
     def progress(self) -> dict[str, int]:
-        return {"completed": self.completed, "failed": self.failed, "total": self.total}
+        # "cancelled" is an addition, there only once a task was cancelled,
+        # which only linkup's own clients do: plugins see the object they know.
+        progress = {"completed": self.completed, "failed": self.failed}
+        if self.cancelled:
+            progress["cancelled"] = self.cancelled
+        progress["total"] = self.total
+        return progress
+
+
+@dataclass(frozen=True, slots=True)
+class ClientClaim:
+    """
+    A bridge's word about one of its live connections, sent when it joins.
+
+    Attributes:
+        conn: The connection number.
+        holds: The task the bridge last handed this connection and has not
+            seen reported, if any.
+        report: A TASK_COMPLETED or TASK_FAILED from this connection that may
+            not have reached the core, if any.
+
+    """
+
+    conn: int
+    holds: str | None = None
+    report: dict[str, Any] | None = None
+
+
+@dataclass(slots=True)
+class Changes:
+    """
+    What to write to the store before any message goes out.
+
+    Records are the live objects; ``None`` means delete.
+
+    """
+
+    sessions: dict[str, Session | None] = field(default_factory=dict)
+    tasks: dict[str, Task | None] = field(default_factory=dict)
+    #: (session id, index in ``Session.results``, message).
+    outcomes: list[tuple[str, int, dict[str, Any]]] = field(default_factory=list)
+    workers: dict[ClientRef, Worker | None] = field(default_factory=dict)
+    #: Spooled files no longer needed once this is written.
+    freed_payloads: list[str] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(
+            self.sessions
+            or self.tasks
+            or self.outcomes
+            or self.workers
+            or self.freed_payloads
+        )
 
 
 @dataclass(frozen=True, slots=True)
 class Send:
     """
-    Output: deliver ``message`` to one client, with an optional payload that
-    the bridge splices into ``task.dataBase64``.
+    Output: deliver ``message`` to one client, with an optional spooled file
+    that the bridge splices into ``task.dataBase64``.
 
     """
 
     client: ClientRef
     message: dict[str, Any]
-    payload: Payload | None = None
+    payload_key: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,12 +6,18 @@ timers, so ``zmq.Poller`` is all the event loop it needs. Each turn it waits
 for a link message or the next deadline, feeds the scheduler, and flushes the
 scheduler's output in one place (:meth:`CoreServer._flush`).
 
-Link supervision: every bridge says HELLO first and is answered WELCOME; each
-side then sends HEARTBEAT whenever it has sent nothing else for
+Durability: before anything goes out, the turn's changes are written to the
+store (:mod:`core.store`), and submitted files are written to the spool
+(:mod:`core.spool`) before the scheduler sees them, so that nothing is
+acknowledged that a crash could lose.
+
+Link supervision: every bridge says HELLO first, listing its live
+connections, and is answered WELCOME with the ones the core knows; each side
+then sends HEARTBEAT whenever it has sent nothing else for
 ``heartbeat_interval`` seconds, and any message counts as a sign of life.
-A bridge silent for ``link_timeout`` seconds is declared lost and its clients
-are treated as disconnected. A message from a bridge the core does not know is
-answered with RESET.
+A bridge silent for ``link_timeout`` seconds, or whose connection drops, is
+declared lost and its clients are treated as disconnected. A message from a
+bridge the core does not know is answered with RESET.
 """
 
 from __future__ import annotations
@@ -31,10 +37,22 @@ from core.errors import (
     InvalidField,
     LinkupError,
     ProtocolError,
+    StorageFailed,
     UnknownType,
 )
-from core.model import Broadcast, ClientRef, Disconnect, Outgoing, Send, TaskSpec
+from core.model import (
+    Broadcast,
+    Changes,
+    ClientClaim,
+    ClientRef,
+    Disconnect,
+    Outgoing,
+    Send,
+    TaskSpec,
+)
 from core.scheduler import Scheduler
+from core.spool import Spool
+from core.store import StorageError, Store
 from core.wire import Command
 
 __all__ = ["DEFAULT_BIND", "CoreServer"]
@@ -58,6 +76,9 @@ CLOSE_DROPPED = 4000
 class _Bridge:
     routing_id: bytes
     instance: str
+    #: Which of the bridge's attempts to join this is: a HELLO repeated while
+    #: the bridge waits for WELCOME carries the same number.
+    join: int
     last_heard: float
     last_sent: float
 
@@ -69,7 +90,9 @@ class CoreServer:
     Args:
         context: The ZeroMQ context to make the socket in; the caller owns it.
         bind: Endpoint to bind the ROUTER socket to.
-        scheduler: The state machine to drive.
+        scheduler: The state machine to drive, already restored from ``store``.
+        store: Where the scheduler's changes are written.
+        spool: Where submitted files are kept until their task ends.
         instance: This run's id, announced to bridges so that they notice a
             restart; random by default.
         heartbeat_interval: Seconds between heartbeats to each bridge.
@@ -83,6 +106,8 @@ class CoreServer:
         context: zmq.Context[Any],
         bind: str,
         scheduler: Scheduler,
+        store: Store,
+        spool: Spool,
         *,
         instance: str | None = None,
         heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
@@ -90,6 +115,8 @@ class CoreServer:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.scheduler = scheduler
+        self.store = store
+        self.spool = spool
         self.heartbeat_interval = heartbeat_interval
         self.link_timeout = link_timeout
         self.instance = instance or secrets.token_hex(3)
@@ -110,8 +137,12 @@ class CoreServer:
             self._socket.close(linger=0)
             raise
         self.endpoint: str = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        # A bridge killed outright is noticed when its connection drops, not
+        # link_timeout later: its workers' tasks go back to the queue at once.
+        self._monitor = self._socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self._poller = zmq.Poller()
         self._poller.register(self._socket, zmq.POLLIN)
+        self._poller.register(self._monitor, zmq.POLLIN)
 
     def run(self) -> None:
         """
@@ -122,6 +153,8 @@ class CoreServer:
         while not self._stopping:
             timeout = self._time_until_next_timer()
             if self._poller.poll(round(timeout * 1000)):
+                if self._monitor.poll(0, zmq.POLLIN):
+                    self._on_disconnect_event()
                 # Drain everything that is waiting before running timers.
                 while self._socket.poll(0, zmq.POLLIN):
                     frames = self._socket.recv_multipart(copy=False)
@@ -143,8 +176,20 @@ class CoreServer:
         self._stopping = True
 
     def close(self) -> None:
+        self._socket.disable_monitor()
+        self._monitor.close(linger=0)
         self._socket.close(linger=0)
+        self.store.close()
+        self.spool.close()
         logger.info("core stopped")
+
+    def _on_disconnect_event(self) -> None:
+        # The event does not say which bridge it was: probe them all. With
+        # ROUTER_MANDATORY a send to a gone peer fails, and _send forgets it.
+        while self._monitor.poll(0, zmq.POLLIN):
+            self._monitor.recv_multipart()
+        for routing_id in list(self._bridges):
+            self._send(routing_id, Command.HEARTBEAT)
 
     # Timers.
 
@@ -204,6 +249,9 @@ class CoreServer:
         match envelope.command:
             case Command.HEARTBEAT:
                 pass
+            case Command.CLIENT_MESSAGE if envelope.header.get("replay"):
+                client = (routing_id, int(envelope.header["client"]))
+                self._replay_report(client, envelope.header["message"], now)
             case Command.CLIENT_MESSAGE:
                 client = (routing_id, int(envelope.header["client"]))
                 self._on_client_message(client, envelope, now)
@@ -228,6 +276,14 @@ class CoreServer:
 
     def _on_hello(self, routing_id: bytes, header: dict[str, Any], now: float) -> None:
         instance = str(header.get("bridge", routing_id.hex()))
+        join = int(header.get("join", 0))
+        known = self._bridges.get(routing_id)
+        if known is not None and known.join == join:
+            # A repeat of the HELLO already answered: answer it the same way.
+            known.last_heard = now
+            self._welcome(routing_id, self.scheduler.known_clients(routing_id))
+            return
+
         if header.get("heartbeat") != self.heartbeat_interval:
             logger.warning(
                 "bridge heartbeats every %ss, the core every %ss; set "
@@ -236,16 +292,56 @@ class CoreServer:
                 self.heartbeat_interval,
                 instance,
             )
-        if routing_id in self._bridges:
-            # A bridge says HELLO again only after it closed its clients.
-            self._forget_bridge(routing_id, now)
-        self._bridges[routing_id] = _Bridge(routing_id, instance, now, now)
-        logger.info("bridge joined bridge=%s", instance)
+        claims = [
+            ClientClaim(int(c["client"]), c.get("holds"), c.get("report"))
+            for c in header.get("clients", ())
+        ]
+        self._bridges[routing_id] = _Bridge(routing_id, instance, join, now, now)
+        known_clients = self.scheduler.bridge_joined(routing_id, claims, now)
+        for claim in claims:
+            if claim.report is not None:
+                self._replay_report((routing_id, claim.conn), claim.report, now)
+        logger.info(
+            "bridge joined bridge=%s clients=%d known=%d",
+            instance,
+            len(claims),
+            len(known_clients),
+        )
+        self._welcome(routing_id, known_clients)
+
+    def _welcome(self, routing_id: bytes, known_clients: list[int]) -> None:
         self._send(
             routing_id,
             Command.WELCOME,
-            {"core": self.instance, "heartbeat": self.heartbeat_interval},
+            {
+                "core": self.instance,
+                "heartbeat": self.heartbeat_interval,
+                "join": self._bridges[routing_id].join,
+                "known": known_clients,
+            },
         )
+
+    def _replay_report(
+        self, client: ClientRef, report: dict[str, Any], now: float
+    ) -> None:
+        # A report the bridge kept because the core may not have it: applied
+        # if it is still news, else ignored without a word to the worker.
+        try:
+            match report.get("type"):
+                case "TASK_COMPLETED":
+                    self.scheduler.complete_task(
+                        client,
+                        report["taskId"],
+                        report["resultUrl"],
+                        now,
+                        replayed=True,
+                    )
+                case "TASK_FAILED":
+                    self.scheduler.fail_task(
+                        client, report["taskId"], report["error"], now, replayed=True
+                    )
+        except (LinkupError, KeyError) as exc:
+            logger.debug("- replayed report ignored client=%s: %s", client[1], exc)
 
     def _on_client_message(
         self, client: ClientRef, envelope: wire.Envelope, now: float
@@ -290,18 +386,15 @@ class CoreServer:
             case "CREATE_SESSION":
                 scheduler.create_session(client, now)
             case "SUBMIT_TASKS":
-                tasks = message["tasks"]
-                if len(tasks) != len(payloads):
-                    raise InvalidField(
-                        f"{len(tasks)} tasks arrived with {len(payloads)} payloads"
-                    )
-                # TODO: spool payloads to disk; each task's frame stays in
-                # memory until the task ends.
-                specs = [
-                    TaskSpec(task["filename"], task["mimeType"], task["size"], payload)
-                    for task, payload in zip(tasks, payloads, strict=True)
-                ]
-                scheduler.submit_tasks(client, message["sessionId"], specs, now)
+                self._submit(client, message, payloads, now)
+            case "CANCEL_TASK":
+                scheduler.cancel_task(client, message["taskId"], now)
+            case "CANCEL_SESSION":
+                scheduler.cancel_session(client, message["sessionId"], now)
+            case "RESUME_SESSION":
+                scheduler.resume_session(
+                    client, message["sessionId"], message.get("after", 0), now
+                )
             case "TASK_COMPLETED":
                 scheduler.complete_task(
                     client, message["taskId"], message["resultUrl"], now
@@ -321,6 +414,42 @@ class CoreServer:
             case _:
                 raise UnknownType(message_type)
 
+    def _submit(
+        self,
+        client: ClientRef,
+        message: dict[str, Any],
+        payloads: Sequence[Any],
+        now: float,
+    ) -> None:
+        # Files go to the spool before the scheduler accepts them, and leave
+        # it again if it does not.
+        tasks = message["tasks"]
+        if len(tasks) != len(payloads):
+            raise InvalidField(
+                f"{len(tasks)} tasks arrived with {len(payloads)} payloads"
+            )
+        keys: list[str] = []
+        try:
+            for payload in payloads:
+                keys.append(self.spool.put(payload))
+            specs = [
+                TaskSpec(
+                    task["filename"], task["mimeType"], task["size"], key, len(payload)
+                )
+                for task, key, payload in zip(tasks, keys, payloads, strict=True)
+            ]
+            self.scheduler.submit_tasks(client, message["sessionId"], specs, now)
+        except StorageError as exc:
+            self._unspool(keys)
+            raise StorageFailed(f"linkup core cannot store the files: {exc}") from exc
+        except BaseException:
+            self._unspool(keys)
+            raise
+
+    def _unspool(self, keys: list[str]) -> None:
+        for key in keys:
+            self.spool.delete(key)
+
     def _forget_bridge(self, routing_id: bytes, now: float) -> None:
         del self._bridges[routing_id]
         self.scheduler.bridge_gone(routing_id, now)
@@ -328,16 +457,34 @@ class CoreServer:
     # Output.
 
     def _flush(self) -> None:
-        # The one place where scheduler output reaches the socket.
-        # Sending can lose a bridge, which makes more output: loop until done.
-        while outgoing := self.scheduler.messages_to_send():
+        # The one place where scheduler output reaches the disk and the
+        # socket, in that order. Sending can lose a bridge, which makes more
+        # output: loop until done.
+        while True:
+            self._store(self.scheduler.take_changes())
+            outgoing = self.scheduler.messages_to_send()
+            if not outgoing:
+                return
             self._deliver(outgoing)
+
+    def _store(self, changes: Changes) -> None:
+        if not changes:
+            return
+        try:
+            self.store.save(changes)
+        except StorageError:
+            # Carrying on would acknowledge what is not stored. Stop; what
+            # is stored is consistent, and a restart takes over from there.
+            logger.critical("cannot write the queue; stopping", exc_info=True)
+            raise SystemExit(3) from None
+        for key in changes.freed_payloads:
+            self.spool.delete(key)
 
     def _deliver(self, outgoing: list[Outgoing]) -> None:
         for item in outgoing:
             if isinstance(item, Send):
                 bridge_id, number = item.client
-                payloads = () if item.payload is None else (item.payload,)
+                payloads = self._payloads(item)
                 if logger.isEnabledFor(logging.DEBUG):
                     logger.debug(
                         "> %s client=%s payload_bytes=%d",
@@ -361,6 +508,18 @@ class CoreServer:
                     Command.CLOSE_CLIENT,
                     {"client": number, "code": CLOSE_DROPPED, "reason": item.reason},
                 )
+
+    def _payloads(self, item: Send) -> tuple[Any, ...]:
+        if item.payload_key is None:
+            return ()
+        try:
+            return (self.spool.get(item.payload_key),)
+        except (KeyError, OSError):
+            # TODO: fail the task when its spooled file is gone; today the
+            # worker gets an empty file. Only someone deleting files from the
+            # data dir by hand can cause it.
+            logger.error("spooled file missing key=%s", item.payload_key)
+            return (b"",)
 
     def _reply_error(self, client: ClientRef, code: str, message: str) -> None:
         bridge_id, number = client

@@ -31,7 +31,14 @@ from types import FrameType
 import psutil
 
 from bridge.__main__ import add_bridge_options
-from core.__main__ import add_link_options, add_scheduler_options, port_number
+from core.__main__ import (
+    add_link_options,
+    add_scheduler_options,
+    add_storage_options,
+    default_data_dir,
+    port_number,
+    scheduler_and_storage_argv,
+)
 from linkup import __version__
 from linkup.logs import add_log_level_option, configure_logging
 
@@ -59,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--host", default="0.0.0.0", help="address to listen on (default: %(default)s)"
     )
+    # The default data dir depends on the port, so that `linkup` and
+    # `linkup 8080` can run side by side; it is filled in once that is known.
+    add_storage_options(parser, data_dir=None)
     add_scheduler_options(parser)
     add_bridge_options(parser)
     add_link_options(parser)
@@ -74,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     if len(given) > 1:
         parser.error("PORT and --port disagree; give one")
     port = given.pop() if given else DEFAULT_PORT
+    if args.data_dir is None:
+        args.data_dir = default_data_dir(f"port-{port}")
     if not _port_is_free(args.host, port):
         parser.exit(
             1,
@@ -107,10 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             "core",
             "--bind",
             endpoint,
-            "--worker-timeout",
-            str(args.worker_timeout),
-            "--max-attempts",
-            str(args.max_attempts),
+            *scheduler_and_storage_argv(args),
             *common,
         )
         children["bridge"] = _spawn(
@@ -127,6 +136,10 @@ def main(argv: list[str] | None = None) -> int:
             str(args.ping_interval),
             "--ping-timeout",
             str(args.ping_timeout),
+            "--max-outbox",
+            str(args.max_outbox),
+            "--core-grace",
+            str(args.core_grace),
             *common,
         )
 

@@ -91,6 +91,23 @@ CLIENT_MESSAGES: list[tuple[dict[str, Any], dict[str, Any]]] = [
             ],
         },
     ),
+    # linkup's own additions.
+    (
+        {"type": "CANCEL_SESSION", "sessionId": "s-1"},
+        {"type": "CANCEL_SESSION", "sessionId": "s-1"},
+    ),
+    (
+        {"type": "CANCEL_TASK", "taskId": "t-1"},
+        {"type": "CANCEL_TASK", "taskId": "t-1"},
+    ),
+    (
+        {"type": "RESUME_SESSION", "sessionId": "s-1"},
+        {"type": "RESUME_SESSION", "sessionId": "s-1", "after": 0},
+    ),
+    (
+        {"type": "RESUME_SESSION", "sessionId": "s-1", "after": 7},
+        {"type": "RESUME_SESSION", "sessionId": "s-1", "after": 7},
+    ),
 ]
 
 

@@ -31,12 +31,22 @@ class Deployment:
         self.processes.append(process)
         return process
 
+    def data_dir_options(self, options: tuple[str, ...], name: str) -> list[str]:
+        """
+        A data dir of this test's own, unless ``options`` choose storage.
+
+        """
+        if "--memory" in options or "--data-dir" in options:
+            return []
+        return ["--data-dir", str(self.log_dir / f"data-{name}")]
+
     def linkup(self, *options: str) -> tuple[Process, int]:
         """
         Start ``linkup PORT`` on loopback; return it once ready, and its port.
 
         """
         port = free_port()
+        options = (*self.data_dir_options(options, str(port)), *options)
         process = self.start(
             f"linkup-{port}",
             "-m",
@@ -57,6 +67,8 @@ class Deployment:
 
         """
         endpoint = endpoint or f"tcp://127.0.0.1:{free_port()}"
+        name = endpoint.rsplit(":", 1)[-1].replace("/", "_")
+        options = (*self.data_dir_options(options, f"core-{name}"), *options)
         process = self.start(
             f"core-{len(self.processes)}",
             "-m",

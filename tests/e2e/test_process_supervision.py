@@ -128,9 +128,13 @@ async def _round_trip(url: str, worker: Plugin, name: str, data: bytes) -> None:
 async def test_bridge_closes_its_clients_and_turns_unready_when_its_core_dies(
     deployment,
 ):
-    """kill -9 of the core: the bridge closes its clients, /readyz and /status 503."""
+    """
+    kill -9 of the core, not restarted: /readyz and /status 503 at once; the
+    clients are kept for --core-grace, then closed.
+    """
     core, endpoint = deployment.core(*FAST_LINK)
-    bridge, port = deployment.bridge(endpoint, *FAST_LINK)
+    grace = 2 * UNIT
+    bridge, port = deployment.bridge(endpoint, *FAST_LINK, "--core-grace", str(grace))
     url = f"ws://127.0.0.1:{port}"
     worker, _ = await register_worker(url)
     master, _, _ = await create_session(url)
@@ -141,7 +145,8 @@ async def test_bridge_closes_its_clients_and_turns_unready_when_its_core_dies(
     # Closed by the server with a close frame that tells the plugin the server
     # side failed (linkup sends 1011), not a broken TCP connection.
     assert set(closes) <= {1001, 1011, 1012, 1013}, closes
-    assert time.monotonic() - killed_at < NOTICE_WITHIN
+    assert grace <= time.monotonic() - killed_at < grace + NOTICE_WITHIN
+    assert bridge.log().count("core away for") == 1
     await asyncio.to_thread(bridge.wait_for_log, "lost the core", 1 * UNIT)
 
     ready, _ = await _get_async(port, "/readyz")
@@ -167,29 +172,59 @@ async def test_bridge_turns_away_new_clients_while_its_core_is_down(deployment):
     assert code == 1013
 
 
-async def test_bridge_reconnects_to_a_new_core_on_the_same_endpoint(deployment):
-    """After the core is killed and restarted, the bridge is ready and works again."""
+async def test_a_restarted_core_takes_back_the_bridges_clients(deployment):
+    """
+    kill -9 of the core, restarted on its data dir: the bridge rejoins, its
+    worker carries on over the same connection with the same id and stats.
+    """
     core, endpoint = deployment.core(*FAST_LINK)
     bridge, port = deployment.bridge(endpoint, *FAST_LINK)
     url = f"ws://127.0.0.1:{port}"
-    old_worker, _ = await register_worker(url)
+    worker, worker_id = await register_worker(url)
+    await _round_trip(url, worker, "before.png", b"\x89PNG before")
 
     core.kill9()
-    assert await _wait_for_close(old_worker) is not None
+    await asyncio.to_thread(bridge.wait_for_log, "lost the core", NOTICE_WITHIN)
     ready, _ = await _get_async(port, "/readyz")
     assert ready == 503
 
     deployment.core(*FAST_LINK, endpoint=endpoint)
     await asyncio.to_thread(wait_ready, port, bridge, NOTICE_WITHIN)
+    status, stats = await _get_async(port, "/status")
+    assert status == 200
+    assert [w["id"] for w in stats["workers"]] == [worker_id]
+    assert stats["workers"][0]["stats"]["completed"] == 1
 
-    # The new core knows nothing of the old clients: a fresh start.
+    await _round_trip(url, worker, "after.png", b"\x89PNG after")
+    status, stats = await _get_async(port, "/status")
+    assert stats["workers"][0]["stats"]["completed"] == 2
+    assert worker.websocket.close_code is None
+
+
+async def test_a_core_restarted_without_its_state_makes_clients_start_over(
+    deployment,
+):
+    """
+    A --memory core restarted knows nothing: the bridge closes the clients it
+    had (1011) so that plugins reconnect, and then works with new ones.
+    """
+    core, endpoint = deployment.core(*FAST_LINK, "--memory")
+    bridge, port = deployment.bridge(endpoint, *FAST_LINK)
+    url = f"ws://127.0.0.1:{port}"
+    old_worker, _ = await register_worker(url)
+
+    core.kill9()
+    await asyncio.to_thread(bridge.wait_for_log, "lost the core", NOTICE_WITHIN)
+    deployment.core(*FAST_LINK, "--memory", endpoint=endpoint)
+    assert await _wait_for_close(old_worker, timeout=2 * NOTICE_WITHIN) == 1011
+    await asyncio.to_thread(wait_ready, port, bridge, NOTICE_WITHIN)
+
     status, stats = await _get_async(port, "/status")
     assert status == 200
     assert stats["workerCount"] == 0
     worker, _ = await register_worker(url)
     await _round_trip(url, worker, "after-restart.png", b"\x89PNG again")
     status, stats = await _get_async(port, "/status")
-    assert status == 200
     assert stats["workerCount"] == 1
     assert stats["workers"][0]["stats"]["completed"] == 1
 

@@ -153,8 +153,11 @@ async def test_a_worker_that_only_reports_counts_as_alive(start):
 async def test_a_lost_master_cancels_its_tasks_and_frees_the_worker(
     start, report, fields
 ):
-    """A lost master cancels its held task and drops the rest; the worker is freed."""
-    clients = await start()
+    """
+    With --resume-grace 0, as the first server did, a lost master at once
+    cancels its held task and drops the rest; the worker is freed.
+    """
+    clients = await start("--resume-grace", "0")
     worker, _ = await clients.worker()
     master, session_id, _ = await clients.master()
     await submit(
@@ -189,7 +192,7 @@ async def test_a_lost_master_cancels_its_tasks_and_frees_the_worker(
 
 async def test_a_lost_masters_queued_tasks_never_reach_idle_workers(start):
     """Tasks still queued when their master leaves are dropped, not handed out."""
-    clients = await start()
+    clients = await start("--resume-grace", "0")
     busy, _ = await clients.worker()
     master, session_id, _ = await clients.master()
     await submit(master, session_id, [make_task(f"q{i}.png", b"q") for i in range(3)])

@@ -1,0 +1,89 @@
+"""
+What a bridge remembers about each connection so that the core can restart
+under it without the plugins noticing.
+
+The core stores its queue, but not what was on the wire when it stopped. The
+bridge sees both directions, so it keeps, per connection, the few facts that
+close the gap (:class:`Continuity`): whether the core gave the connection a
+role, which task the core last handed it, its last report, and which request
+still waits for an answer. When it joins a core, the bridge lists these as
+claims; the core then keeps the workers and masters it has, sends again an
+assignment that never arrived, and applies a report it never got.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["REPORTS", "Continuity"]
+
+#: A worker's reports on its task: kept until the next assignment, since the
+#: core may not have received them.
+REPORTS = frozenset({"TASK_COMPLETED", "TASK_FAILED"})
+
+# Messages from the core that give a connection a role the core remembers.
+_ROLE_GIVEN = frozenset({"WORKER_REGISTERED", "SESSION_CREATED", "SESSION_RESUMED"})
+
+# Requests whose loss in a core crash would leave the plugin waiting forever,
+# and the answer that ends the wait.
+_ANSWERS = {
+    "WORKER_REGISTER": "WORKER_REGISTERED",
+    "CREATE_SESSION": "SESSION_CREATED",
+    "SUBMIT_TASKS": "TASKS_SUBMITTED",
+    "RESUME_SESSION": "SESSION_RESUMED",
+}
+
+
+@dataclass(slots=True)
+class Continuity:
+    has_role: bool = False
+    #: The task the core last handed this connection, until it reports it.
+    holds: str | None = None
+    #: The connection's last TASK_COMPLETED or TASK_FAILED, as sent.
+    report: dict[str, Any] | None = None
+    #: True while ``report`` has not been handed to the link at all.
+    report_unsent: bool = False
+    #: A request forwarded to the core and not yet answered.
+    awaiting: str | None = None
+
+    def forwarded(self, message_type: str, header: dict[str, Any]) -> None:
+        """
+        Note a message that went to the core.
+
+        """
+        if message_type in REPORTS:
+            self.keep_report(header, sent=True)
+        elif message_type in _ANSWERS:
+            self.awaiting = message_type
+
+    def keep_report(self, header: dict[str, Any], *, sent: bool) -> None:
+        self.report = header
+        self.report_unsent = not sent
+        if header.get("taskId") == self.holds:
+            self.holds = None
+
+    def delivered(self, message: dict[str, Any]) -> None:
+        """
+        Note a message from the core on its way to the connection.
+
+        """
+        message_type = message.get("type")
+        if message_type in _ROLE_GIVEN:
+            self.has_role = True
+        if message_type == "TASK_ASSIGNED":
+            self.holds = message["task"]["id"]
+            self.report = None
+            self.report_unsent = False
+        if self.awaiting is not None and message_type in (
+            _ANSWERS[self.awaiting],
+            "ERROR",
+        ):
+            self.awaiting = None
+
+    def claim(self, number: int) -> dict[str, Any]:
+        """
+        This connection as HELLO lists it.
+
+        """
+        return {"client": number, "holds": self.holds, "report": self.report}
