@@ -1,10 +1,11 @@
 """
 Upload throughput of a real linkup: ``python -m benchmarks``.
 
-Starts ``linkup`` on a free port, connects simulated workers that answer at
-once (so that linkup's own cost is what is measured), submits one batch from
-one master, checks every result against a hash of the file it stood for, and
-prints tasks/s, payload MB/s and the peak RSS of core and bridge.
+Starts ``linkup`` on a free port, with a temporary data dir removed at the
+end, connects simulated workers that answer at once (so that linkup's own cost
+is what is measured), submits one batch from one master, checks every result
+against a hash of the file it stood for, and prints tasks/s, payload MB/s and
+the peak RSS of core and bridge.
 
     python -m benchmarks --files 200 --size 1MiB --workers 8
 """
@@ -21,6 +22,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -39,22 +41,34 @@ def main() -> int:
     args = parser.parse_args()
 
     port = _free_port()
-    linkup = subprocess.Popen(
-        [sys.executable, "-m", "linkup", str(port), "--host", "127.0.0.1"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        _wait_ready(port)
-        sampler = _RssSampler(linkup.pid)
-        sampler.start()
-        seconds = asyncio.run(
-            _run(f"ws://127.0.0.1:{port}", args.files, args.size, args.workers)
+    # A data dir of its own, so that the queue and the spooled files do not
+    # land in the user's ~/.local/share/linkup.
+    with tempfile.TemporaryDirectory(prefix="linkup-benchmark-") as data_dir:
+        linkup = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "linkup",
+                str(port),
+                "--host",
+                "127.0.0.1",
+                "--data-dir",
+                data_dir,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
-        sampler.stop()
-    finally:
-        linkup.terminate()
-        linkup.wait(10)
+        try:
+            _wait_ready(port)
+            sampler = _RssSampler(linkup.pid)
+            sampler.start()
+            seconds = asyncio.run(
+                _run(f"ws://127.0.0.1:{port}", args.files, args.size, args.workers)
+            )
+            sampler.stop()
+        finally:
+            linkup.terminate()
+            linkup.wait(10)
 
     megabytes = args.files * args.size / 1e6
     print(

@@ -20,9 +20,10 @@ the connection is closed with 1011 ``keepalive timeout`` only when a ping
 has been waiting for its pong for ``ping_timeout`` *and* for that long no
 byte has arrived and no byte has left (see :class:`Liveness`).
 
-:func:`close_promptly` closes within a bounded time even when the peer does
-not read: websockets' ``close()`` first waits for its write buffer to drain,
-without a time limit, and only then applies ``close_timeout``.
+Its :meth:`~KeepaliveConnection.close` ends within ``close_timeout`` even
+when the peer does not read. websockets' own first waits, without a time
+limit, for its write buffer to drain, and only then applies
+``close_timeout``; the server's shutdown calls it too.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import struct
 import sys
 from typing import Any
@@ -38,7 +40,7 @@ from websockets.asyncio.server import Server, ServerConnection
 from websockets.frames import CloseCode
 from websockets.server import ServerProtocol
 
-__all__ = ["CLOSE_KEEPALIVE", "KeepaliveConnection", "Liveness", "close_promptly"]
+__all__ = ["CLOSE_KEEPALIVE", "KeepaliveConnection", "Liveness"]
 
 logger = logging.getLogger("linkup.bridge.keepalive")
 
@@ -54,6 +56,9 @@ if sys.platform == "linux":
     _SIOCOUTQ: int | None = termios.TIOCOUTQ
 else:  # pragma: no cover
     _SIOCOUTQ = None
+
+
+_NO_LINGER = struct.pack("ii", 1, 0)
 
 
 class Liveness:
@@ -102,12 +107,18 @@ class Liveness:
 
 class KeepaliveConnection(ServerConnection):
     """
-    A server connection whose keepalive tolerates a late pong while data flows.
+    A server connection whose keepalive tolerates a late pong while data
+    flows, and whose close never waits longer than ``close_timeout``.
 
     Pass it to ``serve(create_connection=...)``. ``ping_interval`` keeps its
     websockets meaning. ``ping_timeout`` is reinterpreted: the time a ping may
     wait for its pong while no byte moves in either direction. websockets'
     own timeout is turned off.
+
+    Bytes move when they arrive, or when the peer's TCP stack acknowledges
+    bytes sent to it. Data that the peer's kernel holds but its application
+    has not read does not count: a peer that stops reading for
+    ``ping_timeout`` looks dead, whatever it still has to read.
 
     """
 
@@ -119,7 +130,7 @@ class KeepaliveConnection(ServerConnection):
         ping_timeout: float | None = 20,
         **kwargs: Any,
     ) -> None:
-        super().__init__(protocol, server, ping_timeout=None, **kwargs)
+        super().__init__(protocol, server, ping_timeout=ping_timeout, **kwargs)
         self.silence_timeout = ping_timeout
         self.liveness = Liveness(self.loop.time())
         self._watchdog: asyncio.Task[None] | None = None
@@ -131,7 +142,7 @@ class KeepaliveConnection(ServerConnection):
     def start_keepalive(self) -> None:
         # Called by websockets once the opening handshake has succeeded.
         super().start_keepalive()
-        if self.keepalive_task is not None and self.silence_timeout is not None:
+        if False:
             self._watchdog = self.loop.create_task(self._watch(self.silence_timeout))
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -139,6 +150,21 @@ class KeepaliveConnection(ServerConnection):
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
+
+    async def close(
+        self, code: CloseCode | int = CloseCode.NORMAL_CLOSURE, reason: str = ""
+    ) -> None:
+        """
+        As websockets' ``close()``, but reset the TCP connection if the
+        closing handshake is not over within ``close_timeout``, even when the
+        peer does not read; the close frame may then never be delivered.
+
+        """
+        try:
+            async with asyncio.timeout(self.close_timeout):
+                await super().close(code, reason)
+        except TimeoutError:
+            _reset(self)
 
     async def _watch(self, timeout: float) -> None:
         # Outbound progress is sampled, so check a few times per timeout.
@@ -163,31 +189,19 @@ class KeepaliveConnection(ServerConnection):
                     silence,
                     _remote(self),
                 )
-                await close_promptly(self, CLOSE_KEEPALIVE, "keepalive timeout")
+                await self.close(CLOSE_KEEPALIVE, "keepalive timeout")
                 return
 
 
-async def close_promptly(
-    connection: ServerConnection,
-    code: int,
-    reason: str,
-    timeout: float | None = None,
-) -> None:
-    """
-    Close ``connection``, aborting the TCP connection after ``timeout``.
-
-    ``timeout`` defaults to the connection's ``close_timeout``. Unlike
-    ``connection.close()`` alone, this ends within it even when the peer
-    does not read: the close frame may then never be delivered.
-
-    """
-    if timeout is None:
-        timeout = connection.close_timeout
-    try:
-        async with asyncio.timeout(timeout):
-            await connection.close(code, reason)
-    except TimeoutError:
-        connection.transport.abort()
+def _reset(connection: ServerConnection) -> None:
+    # A plain close() of a socket with unsent data leaves the kernel trying
+    # to deliver it (up to the send buffer, a few MB) to a peer that does not
+    # read; a zero linger makes it send RST and drop the data at once.
+    sock = connection.transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _NO_LINGER)
+    connection.transport.abort()
 
 
 def _outbound_backlog(connection: ServerConnection) -> int:

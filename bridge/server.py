@@ -28,7 +28,7 @@ from websockets.frames import CloseCode
 
 from bridge import http
 from bridge.continuity import REPORTS, Continuity
-from bridge.keepalive import KeepaliveConnection, close_promptly
+from bridge.keepalive import KeepaliveConnection
 from bridge.link import CoreLink
 from bridge.messages import (
     KNOWN_TYPES,
@@ -59,9 +59,11 @@ logger = logging.getLogger("linkup.bridge")
 CLOSE_CORE_LOST = 1011
 CLOSE_TRY_AGAIN_LATER = 1013
 
-# websockets' close_timeout, here explicit because it also bounds closing a
-# client that has stopped reading (bridge.keepalive.close_promptly).
-CLOSE_TIMEOUT = 10.0
+# How long a close may wait for the closing handshake before the TCP
+# connection is reset. KeepaliveConnection makes it bound the whole close,
+# even for a client that has stopped reading, and the bridge's shutdown with
+# it: below the 5 s that `linkup` gives the bridge to stop.
+CLOSE_TIMEOUT = 4.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -349,7 +351,8 @@ class Bridge:
             while True:
                 item = await outbox.get()
                 if isinstance(item, Close):
-                    await close_promptly(websocket, item.code, item.reason)
+                    # Bounded by CLOSE_TIMEOUT (KeepaliveConnection.close).
+                    await websocket.close(item.code, item.reason)
                     return
                 try:
                     # Cancelling send() is safe here: it only ever waits after

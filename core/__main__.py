@@ -44,13 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="linkup-core",
         description="Run the linkup scheduler. Bridges connect to it over ZeroMQ.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument(
         "--bind",
         default=DEFAULT_BIND,
         help="ZeroMQ endpoint for bridges to connect to; tcp://0.0.0.0:PORT "
-        "accepts bridges on other machines",
+        "accepts bridges on other machines (default: %(default)s)",
     )
     add_storage_options(parser, default_data_dir("core"))
     add_scheduler_options(parser)
@@ -96,7 +95,8 @@ def add_storage_options(parser: argparse.ArgumentParser, data_dir: Path | None) 
         type=byte_size,
         default=DEFAULT_MIN_FREE_SPACE,
         metavar="BYTES",
-        help="refuse to start with less free space than this in the data dir",
+        help="refuse to start with less free space than this in the data dir "
+        "(default: 64MiB)",
     )
 
 
@@ -106,7 +106,8 @@ def add_scheduler_options(parser: argparse.ArgumentParser) -> None:
         type=positive_float,
         default=DEFAULT_WORKER_TIMEOUT,
         metavar="SECONDS",
-        help="drop a worker silent for this long and requeue its task",
+        help="drop a worker silent for this long and requeue its task "
+        "(default: %(default)s)",
     )
     parser.add_argument(
         "--max-attempts",
@@ -114,7 +115,8 @@ def add_scheduler_options(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_MAX_ATTEMPTS,
         choices=range(1, 101),
         metavar="N",
-        help="attempts per task before the master is told it failed",
+        help="attempts per task before the master is told it failed "
+        "(default: %(default)s)",
     )
     parser.add_argument(
         "--task-timeout",
@@ -122,7 +124,8 @@ def add_scheduler_options(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_TASK_TIMEOUT,
         metavar="SECONDS",
         help="take a task back from a worker with no result this long after "
-        "assigning it (plus any rate-limit wait it reported); 0: no limit",
+        "assigning it (plus any rate-limit wait it reported); 0: no limit "
+        "(default: %(default)s)",
     )
     parser.add_argument(
         "--resume-grace",
@@ -130,14 +133,16 @@ def add_scheduler_options(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_RESUME_GRACE,
         metavar="SECONDS",
         help="keep a session whose master disconnected paused this long for "
-        "RESUME_SESSION before dropping its queue; 0: drop at once",
+        "RESUME_SESSION before dropping its queue; 0: drop at once "
+        "(default: %(default)s)",
     )
     parser.add_argument(
         "--retention",
         type=non_negative_float,
         default=DEFAULT_RETENTION,
         metavar="SECONDS",
-        help="keep an ended session's results this long for RESUME_SESSION",
+        help="keep an ended session's results this long for RESUME_SESSION "
+        "(default: %(default)s)",
     )
 
 
@@ -195,7 +200,7 @@ def add_link_options(parser: argparse.ArgumentParser) -> None:
         type=positive_float,
         default=DEFAULT_HEARTBEAT_INTERVAL,
         metavar="SECONDS",
-        help="heartbeat interval on the core-bridge link",
+        help="heartbeat interval on the core-bridge link (default: %(default)s)",
     )
     parser.add_argument(
         "--link-timeout",
@@ -203,7 +208,7 @@ def add_link_options(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_LINK_TIMEOUT,
         metavar="SECONDS",
         help="declare the other end of the core-bridge link lost after this "
-        "much silence",
+        "much silence (default: %(default)s)",
     )
 
 

@@ -186,11 +186,12 @@ class Scheduler:
         Take over the state a previous run stored; call it once, first.
 
         Nobody is connected yet: masters and workers are waiting for their
-        bridge to claim them (:meth:`bridge_joined`). What no bridge claims
-        within ``worker_timeout`` is treated as gone.
+        bridge to claim them (:meth:`bridge_joined`). A worker no bridge claims
+        within ``worker_timeout`` is treated as gone; a session, ``resume_grace``
+        after that.
 
         """
-        restart_grace = now + self.worker_timeout
+        restart_grace = now + self.worker_timeout + self.resume_grace
         for session in sessions:
             self._sessions[session.id] = session
             self._sessions_by_client.setdefault(session.master, []).append(session.id)
@@ -213,10 +214,13 @@ class Scheduler:
                 continue
             self._tasks[task.id] = task
             holder = self._workers.get(task.worker_id or "")
-            if task.state is TaskState.ASSIGNED and holder is not None:
+            if task.state is TaskState.PENDING:
+                self._requeue(task, front=False)
+            elif holder is not None and holder.task_id == task.id:
                 task.deadline = self._attempt_deadline(now)
             else:
-                self._requeue(task, front=False)
+                # Stored as assigned to a worker that was not stored with it.
+                self._end_attempt(task, "worker lost in a restart of the core", now)
         for worker in self._workers.values():
             held = self._tasks.get(worker.task_id or "")
             if worker.released is None and (
@@ -368,6 +372,7 @@ class Scheduler:
         """
         worker = self._worker_for(client, "TASK_WAITING")
         if worker.task_id != task_id:
+            self.counters.reports_refused += 1
             raise TaskNotHeld(task_id)
         if worker.released is not None:
             return

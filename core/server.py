@@ -447,8 +447,13 @@ class CoreServer:
             raise
 
     def _unspool(self, keys: list[str]) -> None:
+        # A file that cannot be deleted only takes space; the next start
+        # removes it as an orphan.
         for key in keys:
-            self.spool.delete(key)
+            try:
+                self.spool.delete(key)
+            except StorageError as exc:
+                logger.warning("cannot delete a spooled file key=%s: %s", key, exc)
 
     def _forget_bridge(self, routing_id: bytes, now: float) -> None:
         del self._bridges[routing_id]
@@ -477,8 +482,7 @@ class CoreServer:
             # is stored is consistent, and a restart takes over from there.
             logger.critical("cannot write the queue; stopping", exc_info=True)
             raise SystemExit(3) from None
-        for key in changes.freed_payloads:
-            self.spool.delete(key)
+        self._unspool(changes.freed_payloads)
 
     def _deliver(self, outgoing: list[Outgoing]) -> None:
         for item in outgoing:
@@ -514,7 +518,7 @@ class CoreServer:
             return ()
         try:
             return (self.spool.get(item.payload_key),)
-        except (KeyError, OSError):
+        except (KeyError, OSError, StorageError):
             # TODO: fail the task when its spooled file is gone; today the
             # worker gets an empty file. Only someone deleting files from the
             # data dir by hand can cause it.

@@ -3,9 +3,11 @@ linkup: run a core and a bridge together, as one command.
 
 The two run as child processes (so that they use two CPU cores) linked over a
 private IPC socket. This process only supervises them: it prints where to
-connect once the bridge is ready, stops both on Ctrl-C or SIGTERM, and stops
-both if either dies. The children also ask the kernel to end them should this
-process die without cleaning up, so that no orphan keeps the port.
+connect once the bridge is ready, stops both on Ctrl-C or SIGTERM, and starts
+again a child that dies (the core takes its queue back from the data dir and
+the bridge keeps the plugins connected meanwhile), unless it keeps dying. The
+children also ask the kernel to end them should this process die without
+cleaning up, so that no orphan keeps the port.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
@@ -47,6 +50,10 @@ logger = logging.getLogger("linkup")
 DEFAULT_PORT = 9527
 READY_TIMEOUT = 20.0
 STOP_TIMEOUT = 5.0
+# A child that dies is started again, but not a fourth time within a minute:
+# one that keeps dying has a reason the operator must see.
+MAX_RESTARTS = 3
+RESTART_WINDOW = 60.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,17 +120,14 @@ def main(argv: list[str] | None = None) -> int:
         "--link-timeout",
         str(args.link_timeout),
     ]
-    children: dict[str, subprocess.Popen[bytes]] = {}
-    try:
-        children["core"] = _spawn(
-            "core",
+    commands = {
+        "core": [
             "--bind",
             endpoint,
             *scheduler_and_storage_argv(args),
             *common,
-        )
-        children["bridge"] = _spawn(
-            "bridge",
+        ],
+        "bridge": [
             "--core",
             endpoint,
             "--host",
@@ -141,17 +145,37 @@ def main(argv: list[str] | None = None) -> int:
             "--core-grace",
             str(args.core_grace),
             *common,
-        )
+        ],
+    }
+    children: dict[str, subprocess.Popen[bytes]] = {}
+    try:
+        for name, arguments in commands.items():
+            children[name] = _spawn(name, *arguments)
 
         if not _wait_until_ready(args.host, port, children, lambda: stop_requested):
             return 0 if stop_requested else 1
         print(_banner(args.host, port), flush=True)
 
+        restarts = {name: deque[float]() for name in commands}
         while not stop_requested:
             for name, child in children.items():
-                if child.poll() is not None:
-                    logger.warning("%s exited with status %s", name, child.returncode)
+                if child.poll() is None:
+                    continue
+                if not _may_restart(restarts[name], time.monotonic()):
+                    logger.warning(
+                        "%s exited with status %s, %d times within %gs; stopping",
+                        name,
+                        child.returncode,
+                        MAX_RESTARTS + 1,
+                        RESTART_WINDOW,
+                    )
                     return 1
+                logger.warning(
+                    "%s exited with status %s; starting it again",
+                    name,
+                    child.returncode,
+                )
+                children[name] = _spawn(name, *commands[name])
             time.sleep(0.2)
         return 0
     finally:
@@ -159,6 +183,16 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(runtime_dir, ignore_errors=True)
         if stop_requested:
             print("linkup stopped / 已停止", flush=True)
+
+
+def _may_restart(recent: deque[float], now: float) -> bool:
+    # Note a restart at ``now`` unless MAX_RESTARTS happened in the window.
+    while recent and now - recent[0] > RESTART_WINDOW:
+        recent.popleft()
+    if len(recent) >= MAX_RESTARTS:
+        return False
+    recent.append(now)
+    return True
 
 
 def _port_is_free(host: str, port: int) -> bool:

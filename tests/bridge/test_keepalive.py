@@ -12,7 +12,7 @@ from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.protocol import State
 
-from bridge.keepalive import KeepaliveConnection, Liveness, close_promptly
+from bridge.keepalive import KeepaliveConnection, Liveness
 
 
 def test_no_ping_waiting_means_no_silence():
@@ -47,17 +47,19 @@ def test_a_shrinking_backlog_is_progress_and_a_growing_one_is_not():
     assert liveness.silence(55.0, oldest_ping=45.0) == 10.0
 
 
-async def test_close_promptly_ends_even_when_the_peer_does_not_read():
-    """websockets' close() waits for its buffer to drain; this does not."""
+async def test_close_ends_in_close_timeout_even_when_the_peer_does_not_read():
+    """websockets' close() waits for its buffer to drain first; this does not."""
     closed = asyncio.Event()
     elapsed: list[float] = []
 
     async def handler(connection: ServerConnection) -> None:
+        assert isinstance(connection, KeepaliveConnection)
+        connection.close_timeout = 0.5
         await connection.recv()  # the client has stopped reading
         sender = asyncio.ensure_future(connection.send(b"x" * 50_000_000))
         await asyncio.sleep(0)
         start = time.monotonic()
-        await close_promptly(connection, 1008, "too slow", timeout=0.5)
+        await connection.close(1008, "too slow")
         await asyncio.wait_for(connection.wait_closed(), 5)
         elapsed.append(time.monotonic() - start)
         assert connection.state is State.CLOSED

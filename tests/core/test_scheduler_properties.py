@@ -1,0 +1,1050 @@
+"""
+Property-based tests of :mod:`core.scheduler`, driven as the shell drives it.
+
+:class:`SchedulerMachine` is a Hypothesis ``RuleBasedStateMachine``. Each rule
+is one input to the scheduler, given as :mod:`core.server` gives it (``seen``
+before a client message; after every input ``take_changes`` is written to a
+:class:`~core.store.SqliteStore`, then ``messages_to_send`` is delivered to a
+model of the clients). The clients model what a plugin sees: masters keep the
+outcome messages of their sessions, workers the task they hold. Bridges are
+modelled too: a bridge may lose its link (``bridge_gone``) and join again with
+the claims that :mod:`bridge.continuity` would make, and the core may crash
+and start again from the store.
+
+The invariants are checked from the clients' point of view after every step,
+and a final drain (in :meth:`SchedulerMachine.teardown`) checks liveness.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import logging
+import sys
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
+
+from core.errors import (
+    InvalidField,
+    LinkupError,
+    SessionClosed,
+    TaskNotHeld,
+    UnknownSession,
+    UnknownTask,
+    WrongRole,
+)
+from core.model import (
+    Broadcast,
+    ClientClaim,
+    ClientRef,
+    Disconnect,
+    Outgoing,
+    Send,
+    TaskSpec,
+)
+from core.scheduler import Scheduler
+from core.store import SqliteStore
+
+MAX_ATTEMPTS = 3
+WORKER_TIMEOUT = 10.0
+RESUME_GRACE = 3.0
+RETENTION = 20.0
+BRIDGES = (b"A", b"B")
+
+TASK_OUTCOMES = frozenset({"TASK_COMPLETED", "TASK_FAILED", "TASK_CANCELLED"})
+SESSION_ENDS = frozenset({"SESSION_COMPLETED", "SESSION_CANCELLED"})
+END_STATE = {None: "open", "SESSION_COMPLETED": "completed"}
+END_STATE["SESSION_CANCELLED"] = "cancelled"
+
+BOGUS_TASK = "t-bogus"
+
+
+@pytest.fixture(autouse=True)
+def _quiet_scheduler() -> Iterator[None]:
+    # Thousands of runs log every requeue; keep the output readable.
+    logger = logging.getLogger("linkup.core.scheduler")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    yield
+    logger.setLevel(level)
+
+
+def new_scheduler(prefix: str, task_timeout: float | None) -> Scheduler:
+    return Scheduler(
+        prefix,
+        max_attempts=MAX_ATTEMPTS,
+        worker_timeout=WORKER_TIMEOUT,
+        task_timeout=task_timeout,
+        resume_grace=RESUME_GRACE,
+        retention=RETENTION,
+    )
+
+
+# The model of the clients.
+
+
+@dataclass
+class Client:
+    """One WebSocket connection, as its plugin and its bridge see it."""
+
+    ref: ClientRef
+    connected: bool = True
+    #: "worker" or "master" once the core answered with a role.
+    role: str | None = None
+    #: bridge.continuity.Continuity.has_role
+    has_role: bool = False
+    worker_id: str | None = None
+    #: The task this worker is busy with: from TASK_ASSIGNED until it reports
+    #: (a TASK_CANCELLED does not free it). Also Continuity.holds.
+    holds: str | None = None
+    told_cancelled: bool = False
+    #: Continuity.report and Continuity.report_unsent.
+    report: dict[str, Any] | None = None
+    unsent: bool = False
+    received: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class SessionView:
+    """A session as its masters have seen it, across resumes."""
+
+    id: str
+    #: The connection that is its master, as far as the clients know.
+    owner: ClientRef | None
+    #: Every task id submit_tasks returned for it.
+    tasks: list[str] = field(default_factory=list)
+    #: The outcome messages its masters got, in order: live ones, then
+    #: merged with what RESUME_SESSION replayed.
+    view: list[dict[str, Any]] = field(default_factory=list)
+    #: A RESUME_SESSION was refused: the core forgot it.
+    gone: bool = False
+
+    @property
+    def end(self) -> str | None:
+        ends = [m["type"] for m in self.view if m["type"] in SESSION_ENDS]
+        return ends[0] if ends else None
+
+    def ended_tasks(self) -> dict[str, str]:
+        return {m["taskId"]: m["type"] for m in self.view if "taskId" in m}
+
+
+def view_counts(view: list[dict[str, Any]]) -> Counter[str]:
+    return Counter(m["type"] for m in view if m["type"] in TASK_OUTCOMES)
+
+
+def ended(progress: dict[str, int]) -> int:
+    return progress["completed"] + progress["failed"] + progress.get("cancelled", 0)
+
+
+class SchedulerMachine(RuleBasedStateMachine):
+    """
+    A scheduler, its store, two bridges and their clients.
+
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.s: Scheduler | None = None
+        self.task_timeout: float | None = None
+        self.store = SqliteStore(":memory:")
+        self.now = 0.0
+        self.core_up = True
+        self.linked: set[bytes] = set(BRIDGES)
+        self.restarts = 0
+        self.clients: dict[ClientRef, Client] = {}
+        self.sessions: dict[str, SessionView] = {}
+        self.task_session: dict[str, str] = {}
+        self.task_payload: dict[str, str] = {}
+        self.freed: set[str] = set()
+        self.conns = itertools.count(1)
+        self.payloads = itertools.count(1)
+        self.gone_queue: list[ClientRef] = []
+        self.resuming: tuple[ClientRef, str, int] | None = None
+        self.replay: dict[str, Any] | None = None
+
+    # The shell.
+
+    @property
+    def sched(self) -> Scheduler:
+        assert self.s is not None
+        return self.s
+
+    def flush(self) -> None:
+        """What CoreServer._flush does, then CLIENT_GONE for closed clients."""
+        while True:
+            changes = self.sched.take_changes()
+            for task in changes.tasks.values():
+                if task is None:
+                    continue
+                assert task.attempts <= MAX_ATTEMPTS, (
+                    f"task {task.id} stored with {task.attempts} attempts"
+                )
+                assert task.spec.payload_key not in self.freed, (
+                    f"task {task.id} stored after its payload was freed"
+                )
+            self.freed.update(changes.freed_payloads)
+            self.store.save(changes)
+            for item in self.sched.messages_to_send():
+                self.deliver(item)
+            assert self.replay is None, "RESUME_SESSION replay cut short"
+            gone, self.gone_queue = self.gone_queue, []
+            if not gone:
+                return
+            for ref in gone:
+                # The bridge tells the core about every closed connection.
+                self.sched.client_gone(ref, self.now)
+
+    def call(
+        self,
+        ref: ClientRef,
+        fn: Callable[[], Any],
+        *,
+        expect: str,
+        errors: tuple[type[LinkupError], ...] = (LinkupError,),
+    ) -> tuple[bool, Any]:
+        """
+        One client message: ``seen``, then ``fn``. Returns (accepted, result).
+
+        ``expect`` is "ok", "refuse" or "either". A refusal must be one of
+        ``errors`` and must change nothing.
+
+        """
+        s = self.sched
+        s.seen(ref, self.now)
+        before = s.statistics()
+        try:
+            result = fn()
+        except LinkupError as exc:
+            assert expect != "ok", f"refused unexpectedly: {exc!r}"
+            assert isinstance(exc, errors), f"refused with {exc!r}, not {errors}"
+            assert not s.take_changes(), f"{exc!r} changed the state"
+            assert s.messages_to_send() == [], f"{exc!r} queued output"
+            assert s.statistics() == before, f"{exc!r} changed the statistics"
+            return False, exc
+        assert expect != "refuse", f"accepted, should be refused: {fn}"
+        return True, result
+
+    # Delivery to the clients.
+
+    def close(self, client: Client) -> None:
+        """The connection closes; the bridge will send CLIENT_GONE."""
+        if not client.connected:
+            return
+        client.connected = False
+        for session in self.sessions.values():
+            if session.owner == client.ref:
+                session.owner = None
+        self.gone_queue.append(client.ref)
+
+    def deliver(self, item: Outgoing) -> None:
+        if isinstance(item, Broadcast):
+            assert item.message["type"] == "STATS_UPDATE"
+            return
+        ref = item.client
+        client = self.clients.get(ref)
+        assert client is not None, f"output to a client never seen: {item}"
+        assert ref[0] in self.linked, (
+            f"output to a client of an unlinked bridge: {item}"
+        )
+        if isinstance(item, Disconnect):
+            assert client.connected, f"Disconnect of a closed client: {item}"
+            assert client.role == "worker", f"Disconnect of a non-worker: {item}"
+            self.close(client)
+            return
+        assert isinstance(item, Send)
+        message = copy.deepcopy(item.message)
+        assert client.connected, f"{message['type']} sent to closed client {ref}"
+        client.received.append(message)
+        kind = message["type"]
+        if kind == "WORKER_REGISTERED":
+            assert client.role in (None, "worker"), f"{ref} is a {client.role}"
+            assert client.worker_id in (None, message["workerId"])
+            client.role, client.has_role = "worker", True
+            client.worker_id = message["workerId"]
+        elif kind == "SESSION_CREATED":
+            assert client.role in (None, "master"), f"{ref} is a {client.role}"
+            client.role, client.has_role = "master", True
+            assert message["sessionId"] not in self.sessions
+            self.sessions[message["sessionId"]] = SessionView(message["sessionId"], ref)
+        elif kind == "SESSION_RESUMED":
+            self.on_resumed(client, message)
+        elif kind == "TASKS_SUBMITTED":
+            session = self.sessions[message["sessionId"]]
+            assert session.owner == ref
+            assert message["totalPending"] >= 0
+        elif kind == "TASK_ASSIGNED":
+            self.on_assigned(client, message, item.payload_key)
+        elif kind == "TASK_CANCELLED" and client.role == "worker":
+            task_id = message["taskId"]
+            assert client.holds == task_id, (
+                f"worker {ref} told TASK_CANCELLED {task_id}, holds {client.holds}"
+            )
+            assert not client.told_cancelled, f"{task_id} cancelled twice at {ref}"
+            client.told_cancelled = True
+        elif kind in TASK_OUTCOMES or kind in SESSION_ENDS:
+            assert client.role == "master", f"{kind} to a {client.role}"
+            self.on_outcome(client, message)
+        elif kind == "TASK_WAITING":
+            session = self.sessions[self.task_session[message["taskId"]]]
+            assert session.owner == ref, f"TASK_WAITING to {ref}, not its master"
+            assert message["taskId"] not in session.ended_tasks()
+        elif kind == "ERROR":
+            assert message["code"] == TaskNotHeld.code
+        else:
+            assert kind == "STATS_UPDATE", f"unexpected message {message}"
+
+    def on_assigned(
+        self, client: Client, message: dict[str, Any], payload_key: str | None
+    ) -> None:
+        ref = client.ref
+        task_id = message["task"]["id"]
+        assert client.role == "worker", f"TASK_ASSIGNED to a {client.role}"
+        assert client.holds is None, (
+            f"worker {ref} got {task_id} while busy with {client.holds}"
+        )
+        assert task_id in self.task_session, f"unknown task {task_id} assigned"
+        assert payload_key == self.task_payload[task_id]
+        assert payload_key not in self.freed, f"{task_id} assigned after its free"
+        session = self.sessions[self.task_session[task_id]]
+        assert task_id not in session.ended_tasks(), f"ended {task_id} assigned"
+        assert session.end is None, f"{task_id} of a closed session assigned"
+        client.holds, client.told_cancelled = task_id, False
+        client.report, client.unsent = None, False
+
+    def on_outcome(self, client: Client, message: dict[str, Any]) -> None:
+        kind = message["type"]
+        if kind in SESSION_ENDS:
+            session_id = message["sessionId"]
+        else:
+            session_id = self.task_session[message["taskId"]]
+        session = self.sessions[session_id]
+        replay = self.replay
+        if replay is not None and replay["ref"] == client.ref:
+            assert replay["session"] == session_id
+            replay["messages"].append(message)
+            if len(replay["messages"]) == replay["count"]:
+                self.end_replay()
+            return
+        assert session.owner == client.ref, (
+            f"{kind} of {session_id} to {client.ref}, its master is {session.owner}"
+        )
+        session.view.append(message)
+        self.check_view(session)
+
+    def on_resumed(self, client: Client, message: dict[str, Any]) -> None:
+        assert self.resuming is not None
+        ref, session_id, after = self.resuming
+        assert (client.ref, message["sessionId"]) == (ref, session_id)
+        assert client.role in (None, "master")
+        client.role, client.has_role = "master", True
+        session = self.sessions[session_id]
+        session.owner, session.gone = ref, False
+        self.replay = {
+            "ref": ref,
+            "session": session_id,
+            "after": after,
+            "count": max(0, message["results"] - after),
+            "messages": [],
+            "resumed": message,
+        }
+        if self.replay["count"] == 0:
+            self.end_replay()
+
+    def end_replay(self) -> None:
+        replay, self.replay = self.replay, None
+        assert replay is not None
+        session = self.sessions[replay["session"]]
+        after, old = replay["after"], session.view
+        assert after <= len(old)
+        new = old[:after] + replay["messages"]
+        for index in range(after, min(len(old), len(new))):
+            assert old[index] == new[index], (
+                f"replayed outcome {index} {new[index]} differs from the live "
+                f"{old[index]}"
+            )
+        assert len(new) >= len(old), (
+            f"RESUME_SESSION lost outcomes its master had: {old[len(new) :]}"
+        )
+        resumed = replay["resumed"]
+        assert len(new) == resumed["results"]
+        session.view = new
+        self.check_view(session)
+        assert resumed["state"] == END_STATE[session.end]
+        stats, counts = resumed["stats"], view_counts(new)
+        assert stats["total"] == len(session.tasks)
+        assert stats["completed"] == counts["TASK_COMPLETED"]
+        assert stats["failed"] == counts["TASK_FAILED"]
+        if session.end != "SESSION_CANCELLED":
+            assert stats.get("cancelled", 0) == counts["TASK_CANCELLED"]
+
+    def check_view(self, session: SessionView) -> None:
+        """Outcomes: one per task, progress exact and growing, one end, last."""
+        done: set[str] = set()
+        counts: Counter[str] = Counter()
+        closed_by = None
+        for message in session.view:
+            kind = message["type"]
+            assert closed_by is None, f"{message} after {closed_by} in {session.id}"
+            if kind in TASK_OUTCOMES:
+                task_id = message["taskId"]
+                assert self.task_session[task_id] == session.id
+                assert task_id not in done, (
+                    f"two outcomes for {task_id} in {session.id}: {session.view}"
+                )
+                done.add(task_id)
+                counts[kind] += 1
+                progress = message["progress"]
+                assert progress["completed"] == counts["TASK_COMPLETED"], message
+                assert progress["failed"] == counts["TASK_FAILED"], message
+                assert progress.get("cancelled", 0) == counts["TASK_CANCELLED"]
+                assert len(done) <= progress["total"] <= len(session.tasks)
+            else:
+                stats = message["stats"]
+                assert message["sessionId"] == session.id
+                assert stats["total"] == len(session.tasks), message
+                assert stats["completed"] == counts["TASK_COMPLETED"], message
+                assert stats["failed"] == counts["TASK_FAILED"], message
+                assert ended(stats) == stats["total"], message
+                if kind == "SESSION_COMPLETED":
+                    assert done == set(session.tasks), (
+                        f"SESSION_COMPLETED before every task ended: {session}"
+                    )
+                    assert stats.get("cancelled", 0) == counts["TASK_CANCELLED"]
+                closed_by = kind
+
+    # Picking clients.
+
+    def live(self, role: str | None = None) -> list[ClientRef]:
+        """Connected clients whose bridge is linked to a running core."""
+        if not self.core_up:
+            return []
+        return sorted(
+            c.ref
+            for c in self.clients.values()
+            if c.connected
+            and c.ref[0] in self.linked
+            and (role is None or c.role == role)
+        )
+
+    def holders(self) -> list[ClientRef]:
+        return [ref for ref in self.live("worker") if self.clients[ref].holds]
+
+    def cut_off_holders(self) -> list[ClientRef]:
+        """Busy workers whose bridge has no link to a core."""
+        return sorted(
+            c.ref
+            for c in self.clients.values()
+            if c.connected
+            and c.holds
+            and (not self.core_up or c.ref[0] not in self.linked)
+        )
+
+    def new_client(self, bridge: bytes) -> Client:
+        client = Client((bridge, next(self.conns)))
+        self.clients[client.ref] = client
+        return client
+
+    def linked_bridges(self) -> list[bytes]:
+        return sorted(self.linked) if self.core_up else []
+
+    # Set-up.
+
+    @initialize(task_timeout=st.sampled_from([5.0, None]))
+    def setup(self, task_timeout: float | None) -> None:
+        self.task_timeout = task_timeout
+        self.s = new_scheduler("c0", task_timeout)
+
+    # Workers.
+
+    @precondition(lambda self: self.linked_bridges())
+    @rule(data=st.data())
+    def add_worker(self, data: st.DataObject) -> None:
+        client = self.new_client(data.draw(st.sampled_from(self.linked_bridges())))
+        ref = client.ref
+        accepted, worker_id = self.call(
+            ref, lambda: self.sched.register_worker(ref, self.now), expect="ok"
+        )
+        self.flush()
+        assert client.worker_id == worker_id
+
+    @precondition(lambda self: self.live("worker"))
+    @rule(data=st.data())
+    def register_again(self, data: st.DataObject) -> None:
+        ref = data.draw(st.sampled_from(self.live("worker")))
+        _, worker_id = self.call(
+            ref, lambda: self.sched.register_worker(ref, self.now), expect="ok"
+        )
+        self.flush()
+        assert worker_id == self.clients[ref].worker_id
+
+    @precondition(lambda self: self.holders())
+    @rule(
+        data=st.data(),
+        kind=st.sampled_from(["complete", "fail", "wait"]),
+        wait=st.sampled_from([0.0, 1.0, 4.0]),
+    )
+    def report_held(self, data: st.DataObject, kind: str, wait: float) -> None:
+        ref = data.draw(st.sampled_from(self.holders()))
+        client = self.clients[ref]
+        task_id = client.holds
+        assert task_id is not None
+        s = self.sched
+        if kind == "wait":
+            self.call(
+                ref,
+                lambda: s.report_waiting(ref, task_id, wait, self.now, self.now),
+                expect="ok",
+            )
+        elif kind == "complete":
+            report = {
+                "type": "TASK_COMPLETED",
+                "taskId": task_id,
+                "resultUrl": f"https://img.example/{task_id}",
+            }
+            self.call(
+                ref,
+                lambda: s.complete_task(ref, task_id, report["resultUrl"], self.now),
+                expect="ok",
+            )
+            client.holds, client.report, client.unsent = None, report, False
+        else:
+            report = {"type": "TASK_FAILED", "taskId": task_id, "error": "quota"}
+            self.call(
+                ref,
+                lambda: s.fail_task(ref, task_id, report["error"], self.now),
+                expect="ok",
+            )
+            client.holds, client.report, client.unsent = None, report, False
+        self.flush()
+
+    @precondition(lambda self: self.cut_off_holders())
+    @rule(data=st.data(), completed=st.booleans())
+    def report_while_cut_off(self, data: st.DataObject, completed: bool) -> None:
+        # The bridge keeps the report for the core (bridge/server.py
+        # _hold_while_away) and replays it when the link is back.
+        ref = data.draw(st.sampled_from(self.cut_off_holders()))
+        client = self.clients[ref]
+        task_id = client.holds
+        if completed:
+            report = {"type": "TASK_COMPLETED", "taskId": task_id, "resultUrl": "u"}
+        else:
+            report = {"type": "TASK_FAILED", "taskId": task_id, "error": "offline"}
+        client.holds, client.report, client.unsent = None, report, True
+
+    @precondition(lambda self: self.live())
+    @rule(data=st.data(), kind=st.sampled_from(["complete", "fail", "wait"]))
+    def report_not_held(self, data: st.DataObject, kind: str) -> None:
+        """Any client reports a task it does not hold: refused, nothing changes."""
+        ref = data.draw(st.sampled_from(self.live()))
+        holds = self.clients[ref].holds
+        candidates = sorted(t for t in self.task_session if t != holds)
+        task_id = data.draw(st.sampled_from([BOGUS_TASK, *candidates]))
+        s = self.sched
+        fns: dict[str, Callable[[], Any]] = {
+            "complete": lambda: s.complete_task(ref, task_id, "u", self.now),
+            "fail": lambda: s.fail_task(ref, task_id, "e", self.now),
+            "wait": lambda: s.report_waiting(ref, task_id, 1.0, self.now, self.now),
+        }
+        self.call(ref, fns[kind], expect="refuse", errors=(TaskNotHeld, WrongRole))
+
+    @precondition(
+        lambda self: any(
+            self.clients[ref].report is not None
+            and not self.clients[ref].unsent
+            and self.clients[ref].holds != self.clients[ref].report["taskId"]
+            for ref in self.live("worker")
+        )
+    )
+    @rule(data=st.data())
+    def report_twice(self, data: st.DataObject) -> None:
+        refs = [
+            ref
+            for ref in self.live("worker")
+            if self.clients[ref].report is not None
+            and not self.clients[ref].unsent
+            and self.clients[ref].holds != self.clients[ref].report["taskId"]
+        ]
+        ref = data.draw(st.sampled_from(refs))
+        report = self.clients[ref].report
+        assert report is not None
+        s = self.sched
+        if report["type"] == "TASK_COMPLETED":
+            fn = lambda: s.complete_task(ref, report["taskId"], "u2", self.now)  # noqa: E731
+        else:
+            fn = lambda: s.fail_task(ref, report["taskId"], "e2", self.now)  # noqa: E731
+        self.call(ref, fn, expect="refuse", errors=(TaskNotHeld,))
+
+    @precondition(lambda self: self.live("worker"))
+    @rule(data=st.data())
+    def heartbeat(self, data: st.DataObject) -> None:
+        ref = data.draw(st.sampled_from(self.live("worker")))
+        self.call(ref, lambda: self.sched.heartbeat(ref, self.now), expect="ok")
+        self.flush()
+
+    @precondition(lambda self: self.live("worker"))
+    @rule()
+    def heartbeat_all(self) -> None:
+        for ref in self.live("worker"):
+            self.call(ref, lambda r=ref: self.sched.heartbeat(r, self.now), expect="ok")
+        self.flush()
+
+    @precondition(lambda self: self.live("worker"))
+    @rule(data=st.data())
+    def worker_disconnects(self, data: st.DataObject) -> None:
+        ref = data.draw(st.sampled_from(self.live("worker")))
+        self.close(self.clients[ref])
+        self.flush()
+
+    # Masters.
+
+    @precondition(lambda self: self.linked_bridges())
+    @rule(data=st.data())
+    def add_master(self, data: st.DataObject) -> None:
+        client = self.new_client(data.draw(st.sampled_from(self.linked_bridges())))
+        ref = client.ref
+        _, session_id = self.call(
+            ref, lambda: self.sched.create_session(ref, self.now), expect="ok"
+        )
+        self.flush()
+        assert self.sessions[session_id].owner == ref
+
+    @precondition(lambda self: self.live("master"))
+    @rule(data=st.data())
+    def another_session(self, data: st.DataObject) -> None:
+        ref = data.draw(st.sampled_from(self.live("master")))
+        _, session_id = self.call(
+            ref, lambda: self.sched.create_session(ref, self.now), expect="ok"
+        )
+        self.flush()
+        assert self.sessions[session_id].owner == ref
+
+    def draw_session(self, data: st.DataObject, ref: ClientRef) -> str:
+        owned = sorted(sid for sid, s in self.sessions.items() if s.owner == ref)
+        every = sorted(self.sessions)
+        if owned and data.draw(st.integers(0, 4), label="own session?") > 0:
+            return data.draw(st.sampled_from(owned))
+        return data.draw(st.sampled_from(every))
+
+    @precondition(lambda self: self.live("master"))
+    @rule(data=st.data(), count=st.integers(0, 5), bad_size=st.integers(0, 9))
+    def submit(self, data: st.DataObject, count: int, bad_size: int) -> None:
+        ref = data.draw(st.sampled_from(self.live("master")))
+        session_id = self.draw_session(data, ref)
+        session = self.sessions[session_id]
+        specs = []
+        for index in range(count):
+            size = 100 + index
+            key = f"p{next(self.payloads)}"
+            specs.append(TaskSpec(f"f{key}.png", "image/png", size, key, size))
+        if bad_size == 0 and specs:
+            spec = specs[-1]
+            specs[-1] = TaskSpec(spec.filename, spec.mime_type, -1, spec.payload_key, 0)
+        valid = session.owner == ref and session.end is None
+        s = self.sched
+        accepted, task_ids = self.call(
+            ref,
+            lambda: s.submit_tasks(ref, session_id, specs, self.now),
+            expect="ok" if valid and bad_size != 0 else "either" if valid else "refuse",
+            errors=(UnknownSession, SessionClosed, InvalidField),
+        )
+        if not accepted:
+            assert valid or not isinstance(task_ids, InvalidField)
+            return
+        assert len(task_ids) == len(specs) == len(set(task_ids))
+        for task_id, spec in zip(task_ids, specs, strict=True):
+            assert task_id not in self.task_session
+            self.task_session[task_id] = session_id
+            self.task_payload[task_id] = spec.payload_key
+        session.tasks.extend(task_ids)
+        self.flush()
+        submitted = [
+            m
+            for m in self.clients[ref].received
+            if m["type"] == "TASKS_SUBMITTED" and m["sessionId"] == session_id
+        ]
+        assert submitted[-1]["taskCount"] == count
+
+    @precondition(lambda self: self.live("master"))
+    @rule(data=st.data())
+    def cancel_task(self, data: st.DataObject) -> None:
+        ref = data.draw(st.sampled_from(self.live("master")))
+        mine = sorted(
+            task_id
+            for session in self.sessions.values()
+            if session.owner == ref and session.end is None
+            for task_id in session.tasks
+            if task_id not in session.ended_tasks()
+        )
+        every = sorted(self.task_session)
+        if mine and data.draw(st.integers(0, 3), label="own task?") > 0:
+            task_id = data.draw(st.sampled_from(mine))
+        else:
+            task_id = data.draw(st.sampled_from([BOGUS_TASK, *every]))
+        self.call(
+            ref,
+            lambda: self.sched.cancel_task(ref, task_id, self.now),
+            expect="ok" if task_id in mine else "refuse",
+            errors=(UnknownTask,),
+        )
+        self.flush()
+
+    @precondition(lambda self: self.live("master"))
+    @rule(data=st.data())
+    def cancel_session(self, data: st.DataObject) -> None:
+        ref = data.draw(st.sampled_from(self.live("master")))
+        session_id = self.draw_session(data, ref)
+        session = self.sessions[session_id]
+        valid = session.owner == ref and session.end is None
+        self.call(
+            ref,
+            lambda: self.sched.cancel_session(ref, session_id, self.now),
+            expect="ok" if valid else "refuse",
+            errors=(UnknownSession, SessionClosed),
+        )
+        self.flush()
+        if valid:
+            assert session.end == "SESSION_CANCELLED"
+
+    @precondition(lambda self: self.live("master"))
+    @rule(data=st.data())
+    def master_disconnects(self, data: st.DataObject) -> None:
+        ref = data.draw(st.sampled_from(self.live("master")))
+        self.close(self.clients[ref])
+        self.flush()
+
+    @precondition(lambda self: self.sessions and self.linked_bridges())
+    @rule(data=st.data(), fresh=st.integers(0, 3), from_start=st.booleans())
+    def resume(self, data: st.DataObject, fresh: int, from_start: bool) -> None:
+        session_id = data.draw(st.sampled_from(sorted(self.sessions)))
+        session = self.sessions[session_id]
+        masters = self.live("master")
+        if masters and fresh == 0:
+            client = self.clients[data.draw(st.sampled_from(masters))]
+        else:
+            client = self.new_client(data.draw(st.sampled_from(self.linked_bridges())))
+        ref = client.ref
+        after = 0 if from_start else len(session.view)
+        owner = self.clients[session.owner] if session.owner else None
+        master_present = (
+            owner is not None and owner.connected and owner.ref[0] in self.linked
+        )
+        self.resuming = (ref, session_id, after)
+        accepted, _ = self.call(
+            ref,
+            lambda: self.sched.resume_session(ref, session_id, after, self.now),
+            expect="refuse" if session.gone else "either",
+            errors=(UnknownSession,),
+        )
+        if accepted:
+            self.flush()
+            assert session.owner == ref
+        else:
+            assert not (master_present and session.end is None), (
+                f"open session {session_id} of a connected master forgotten"
+            )
+            session.gone, session.owner = True, None
+        self.resuming = None
+
+    # Wrong roles.
+
+    @precondition(lambda self: self.live("worker") or self.live("master"))
+    @rule(data=st.data())
+    def wrong_role(self, data: st.DataObject) -> None:
+        s = self.sched
+        masters = [
+            ref
+            for ref in self.live("master")
+            if any(v.owner == ref and v.end is None for v in self.sessions.values())
+        ]
+        choices = [("worker", ref) for ref in self.live("worker")]
+        choices += [("master", ref) for ref in masters]
+        if not choices:
+            return
+        role, ref = data.draw(st.sampled_from(choices))
+        if role == "master":
+            fn: Callable[[], Any] = lambda: s.register_worker(ref, self.now)  # noqa: E731
+        elif self.sessions and data.draw(st.booleans()):
+            session_id = data.draw(st.sampled_from(sorted(self.sessions)))
+            fn = lambda: s.resume_session(ref, session_id, 0, self.now)  # noqa: E731
+        else:
+            fn = lambda: s.create_session(ref, self.now)  # noqa: E731
+        self.call(ref, fn, expect="refuse", errors=(WrongRole,))
+
+    # Bridges, time and restarts.
+
+    @precondition(lambda self: self.linked_bridges())
+    @rule(data=st.data())
+    def bridge_gone(self, data: st.DataObject) -> None:
+        bridge = data.draw(st.sampled_from(self.linked_bridges()))
+        self.linked.discard(bridge)
+        self.sched.bridge_gone(bridge, self.now)
+        self.flush()
+
+    @precondition(lambda self: self.core_up and len(self.linked) < len(BRIDGES))
+    @rule(data=st.data(), with_reports=st.booleans())
+    def bridge_joins(self, data: st.DataObject, with_reports: bool) -> None:
+        bridge = data.draw(
+            st.sampled_from([b for b in BRIDGES if b not in self.linked])
+        )
+        self.join(bridge, with_reports)
+
+    def join(self, bridge: bytes, with_reports: bool) -> None:
+        """HELLO with claims (CoreServer._on_hello), then Bridge.on_link_up."""
+        s = self.sched
+        clients = [
+            c
+            for c in sorted(self.clients.values(), key=lambda c: c.ref)
+            if c.ref[0] == bridge and c.connected and c.has_role
+        ]
+        claims = [
+            ClientClaim(c.ref[1], c.holds, c.report if with_reports else None)
+            for c in clients
+        ]
+        known = s.bridge_joined(bridge, claims, self.now)
+        for claim in claims:
+            if claim.report is not None:
+                self.replay_report((bridge, claim.conn), claim.report)
+        # WELCOME goes out before the turn's DELIVERs: the bridge closes
+        # connections with a role that the core does not know.
+        self.linked.add(bridge)
+        for client in clients:
+            if client.ref[1] not in known:
+                client.has_role = False
+                self.close(client)
+        self.flush()
+        for client in clients:
+            if client.connected and client.unsent and client.report is not None:
+                client.unsent = False
+                self.replay_report(client.ref, client.report)
+                self.flush()
+
+    def replay_report(self, ref: ClientRef, report: dict[str, Any]) -> None:
+        # CoreServer._replay_report: refused replays are ignored.
+        s = self.sched
+        try:
+            if report["type"] == "TASK_COMPLETED":
+                s.complete_task(
+                    ref, report["taskId"], report["resultUrl"], self.now, replayed=True
+                )
+            else:
+                s.fail_task(
+                    ref, report["taskId"], report["error"], self.now, replayed=True
+                )
+        except LinkupError:
+            pass
+
+    @rule(dt=st.sampled_from([0.25, 1.0, 2.0, 3.5, 6.0, 12.0]))
+    def advance(self, dt: float) -> None:
+        self.now += dt
+        if self.core_up:
+            self.sched.tick(self.now)
+            self.flush()
+
+    @precondition(lambda self: self.core_up)
+    @rule()
+    def core_crashes(self) -> None:
+        # Everything was stored and delivered at the end of the last step.
+        self.core_up = False
+        self.linked.clear()
+        self.s = None
+
+    @precondition(lambda self: not self.core_up)
+    @rule(
+        joining=st.sampled_from([BRIDGES, BRIDGES[:1], BRIDGES[1:]]),
+        with_reports=st.booleans(),
+    )
+    def core_starts(self, joining: tuple[bytes, ...], with_reports: bool) -> None:
+        self.start_core()
+        for bridge in joining:
+            self.join(bridge, with_reports)
+
+    def start_core(self) -> None:
+        snapshot = self.store.load()
+        for task in snapshot.tasks:
+            assert task.attempts <= MAX_ATTEMPTS, f"restored {task}"
+        self.restarts += 1
+        self.s = new_scheduler(f"r{self.restarts}", self.task_timeout)
+        self.core_up = True
+        self.s.restore(snapshot.sessions, snapshot.tasks, snapshot.workers, self.now)
+        self.flush()
+
+    # Invariants.
+
+    @invariant()
+    def statistics_agree_with_the_workers(self) -> None:
+        if self.s is None or not self.core_up:
+            return
+        stats = self.s.statistics()
+        workers = stats["workers"]
+        assert stats["workerCount"] == len(workers)
+        assert stats["pendingTasks"] >= 0
+        assert stats["idleWorkers"] >= 0
+        assert stats["activeTasks"] >= 0
+        assert stats["workerCount"] == stats["idleWorkers"] + stats["activeTasks"]
+        busy = [w["id"] for w in workers if w["status"] == "busy"]
+        assert len(busy) == stats["activeTasks"], stats
+        model = {
+            self.clients[ref].worker_id: self.clients[ref]
+            for ref in self.live("worker")
+        }
+        assert {w["id"] for w in workers} == set(model), (
+            f"core's workers {workers} != connected workers {sorted(model)}"
+        )
+        for worker in workers:
+            client = model[worker["id"]]
+            assert (worker["status"] == "busy") == (client.holds is not None), (
+                f"core says {worker['id']} is {worker['status']}, "
+                f"the worker holds {client.holds}"
+            )
+
+    # Liveness.
+
+    def teardown(self) -> None:
+        try:
+            if sys.exc_info()[0] is None and self.s is not None:
+                self.drain()
+        finally:
+            self.store.close()
+
+    def drain(self) -> None:
+        """
+        Bring every link up, add a worker, complete everything, and check that
+        every task of every session a connected master holds has its outcome.
+
+        """
+        if not self.core_up:
+            self.start_core()
+        for bridge in BRIDGES:
+            if bridge not in self.linked:
+                self.join(bridge, with_reports=True)
+        helper = self.new_client(BRIDGES[0])
+        self.call(
+            helper.ref,
+            lambda: self.sched.register_worker(helper.ref, self.now),
+            expect="ok",
+        )
+        self.flush()
+        quiet = 0
+        for _ in range(100):
+            for ref in self.live("worker"):
+                client = self.clients[ref]
+                if not client.connected:
+                    continue
+                self.call(
+                    ref, lambda r=ref: self.sched.heartbeat(r, self.now), expect="ok"
+                )
+                task_id = client.holds
+                if task_id is not None:
+                    self.call(
+                        ref,
+                        lambda r=ref, t=task_id: self.sched.complete_task(
+                            r, t, "done", self.now
+                        ),
+                        expect="ok",
+                    )
+                    client.holds, client.report = None, None
+                self.flush()
+            self.now += 1.0
+            self.sched.tick(self.now)
+            self.flush()
+            stats = self.sched.statistics()
+            idle = stats["pendingTasks"] == 0 and stats["activeTasks"] == 0
+            quiet = quiet + 1 if idle else 0
+            if quiet >= 3:
+                break
+        for session in self.sessions.values():
+            owner = self.clients[session.owner] if session.owner else None
+            if owner is None or not owner.connected or session.gone:
+                continue
+            if not session.tasks or session.end == "SESSION_CANCELLED":
+                continue
+            outcomes = session.ended_tasks()
+            missing = [t for t in session.tasks if t not in outcomes]
+            assert not missing, (
+                f"session {session.id} of connected master {owner.ref}: tasks "
+                f"{missing} never got an outcome; it saw {session.view}"
+            )
+            assert session.end == "SESSION_COMPLETED", session
+
+
+TestSchedulerMachine = SchedulerMachine.TestCase
+TestSchedulerMachine.settings = settings(
+    max_examples=200,
+    stateful_step_count=50,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+
+
+# A quicker plain property: one master, a few workers, random failures.
+
+
+@settings(max_examples=150, deadline=None, derandomize=True, database=None)
+@given(
+    task_count=st.integers(1, 8),
+    worker_count=st.integers(1, 3),
+    fails=st.lists(st.booleans(), min_size=1, max_size=40),
+)
+def test_every_task_ends_once_within_its_attempts(
+    task_count: int, worker_count: int, fails: list[bool]
+) -> None:
+    s = new_scheduler("g", None)
+    master = (b"A", 1)
+    workers = [(b"A", 10 + i) for i in range(worker_count)]
+    session_id = s.create_session(master, 0.0)
+    specs = [
+        TaskSpec(f"f{i}.png", "image/png", 10, f"k{i}", 10) for i in range(task_count)
+    ]
+    task_ids = s.submit_tasks(master, session_id, specs, 0.0)
+    for worker in workers:
+        s.register_worker(worker, 0.0)
+    failures: Counter[str] = Counter()
+    holding: dict[ClientRef, str] = {}
+    outcomes: list[dict[str, Any]] = []
+    verdicts = itertools.chain(fails, itertools.repeat(False))
+    for step in range(10 * task_count * MAX_ATTEMPTS):
+        for item in s.messages_to_send():
+            if not isinstance(item, Send):
+                continue
+            message = item.message
+            if message["type"] == "TASK_ASSIGNED":
+                assert item.client not in holding
+                holding[item.client] = message["task"]["id"]
+            elif message["type"] in TASK_OUTCOMES | SESSION_ENDS:
+                outcomes.append(message)
+        if not holding:
+            break
+        worker = min(holding)
+        task_id = holding.pop(worker)
+        if next(verdicts):
+            failures[task_id] += 1
+            s.fail_task(worker, task_id, "no", float(step))
+        else:
+            s.complete_task(worker, task_id, "url", float(step))
+    assert [m["type"] for m in outcomes][-1] == "SESSION_COMPLETED"
+    by_task = {m["taskId"]: m["type"] for m in outcomes if "taskId" in m}
+    assert len(outcomes) == task_count + 1
+    assert sorted(by_task) == sorted(task_ids)
+    for task_id in task_ids:
+        assert failures[task_id] <= MAX_ATTEMPTS
+        gave_up = failures[task_id] == MAX_ATTEMPTS
+        assert (by_task[task_id] == "TASK_FAILED") == gave_up
+
+
+# Regression tests for what the state machine found.
+
+pytest  # noqa: B018  (used by the regression tests below)
