@@ -130,7 +130,7 @@ class KeepaliveConnection(ServerConnection):
         ping_timeout: float | None = 20,
         **kwargs: Any,
     ) -> None:
-        super().__init__(protocol, server, ping_timeout=ping_timeout, **kwargs)
+        super().__init__(protocol, server, ping_timeout=None, **kwargs)
         self.silence_timeout = ping_timeout
         self.liveness = Liveness(self.loop.time())
         self._watchdog: asyncio.Task[None] | None = None
@@ -142,7 +142,7 @@ class KeepaliveConnection(ServerConnection):
     def start_keepalive(self) -> None:
         # Called by websockets once the opening handshake has succeeded.
         super().start_keepalive()
-        if False:
+        if self.keepalive_task is not None and self.silence_timeout is not None:
             self._watchdog = self.loop.create_task(self._watch(self.silence_timeout))
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -1875,20 +1875,6 @@ def _replay(kind: str, s: Scheduler) -> Callable[..., None]:
 
 REPORTS = ["completed", "failed", "waiting"]
 
-#: The protocol counts every task_not_held refusal, TASK_WAITING included.
-COUNTED_REPORTS = [
-    "completed",
-    "failed",
-    pytest.param(
-        "waiting",
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="BUG: report_waiting() raises TaskNotHeld without counting "
-            "it in counters.reports_refused",
-        ),
-    ),
-]
-
 
 @pytest.mark.parametrize("kind", REPORTS)
 def test_report_from_a_worker_not_holding_the_task_is_refused(
@@ -1968,7 +1954,7 @@ def test_duplicate_completion_is_refused_and_counted_once(sched: Scheduler) -> N
     assert worker_row(sched, worker_id)["stats"]["completed"] == 1
 
 
-@pytest.mark.parametrize("kind", COUNTED_REPORTS)
+@pytest.mark.parametrize("kind", REPORTS)
 def test_duplicate_report_is_counted_as_refused(sched: Scheduler, kind: str) -> None:
     add_worker(sched, W1)
     session_id = add_session(sched)
@@ -1980,7 +1966,7 @@ def test_duplicate_report_is_counted_as_refused(sched: Scheduler, kind: str) -> 
     assert sched.counters.reports_refused == 1
 
 
-@pytest.mark.parametrize("kind", COUNTED_REPORTS)
+@pytest.mark.parametrize("kind", REPORTS)
 def test_report_from_another_worker_is_counted_as_refused(
     sched: Scheduler, kind: str
 ) -> None:
@@ -1994,7 +1980,7 @@ def test_report_from_another_worker_is_counted_as_refused(
     assert sched.counters.reports_refused == 1
 
 
-@pytest.mark.parametrize("kind", COUNTED_REPORTS)
+@pytest.mark.parametrize("kind", REPORTS)
 def test_report_on_an_unknown_task_is_counted_as_refused(
     sched: Scheduler, kind: str
 ) -> None:

@@ -1,9 +1,10 @@
 """
 Supervision of the core-bridge link, with processes killed by SIGKILL.
 
-A bridge that loses its core closes its clients and reports itself unready
-until a core answers again; a core that loses a bridge forgets that bridge's
-clients and gives their tasks to workers elsewhere.
+A bridge that loses its core keeps its clients for --core-grace and reports
+itself unready until a core answers again; a restarted core takes them back.
+A core that loses a bridge forgets that bridge's clients and gives their tasks
+to workers elsewhere. The launcher starts a killed child again.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 import time
 from typing import Any
 
+import psutil
 import pytest
 from websockets.exceptions import ConnectionClosed
 
@@ -291,3 +293,45 @@ async def test_core_drops_a_killed_bridge_and_requeues_its_task_elsewhere(
     # And bridge B goes on serving, old clients and new.
     await _round_trip(url_b, worker_b, "later.png", b"still working")
     assert (await _get_async(port_b, "/readyz"))[0] == 200
+
+
+async def test_linkup_starts_a_killed_core_again_and_keeps_its_clients(deployment):
+    """
+    kill -9 of the core under `linkup`: the launcher starts it again on the
+    same data dir, and a worker and a master carry on over their connections.
+    """
+    linkup, port = deployment.linkup(*FAST_LINK)
+    url = f"ws://127.0.0.1:{port}"
+    worker, worker_id = await register_worker(url)
+    master, session_id, _ = await create_session(url)
+    await master.send(
+        "SUBMIT_TASKS",
+        sessionId=session_id,
+        tasks=[_one_file(f"f{i}.png", bytes([i]) * 50) for i in range(2)],
+    )
+    await master.expect("TASKS_SUBMITTED")
+    first = await worker.expect("TASK_ASSIGNED")
+
+    (core,) = [
+        child
+        for child in psutil.Process(linkup.pid).children()
+        if "core" in child.cmdline()
+    ]
+    core.kill()
+    await asyncio.to_thread(linkup.wait_for_log, "starting it again", NOTICE_WITHIN)
+    await asyncio.to_thread(wait_ready, port, linkup, NOTICE_WITHIN)
+
+    await worker.send(
+        "TASK_COMPLETED", taskId=first["task"]["id"], resultUrl="https://x/0"
+    )
+    second = await worker.expect("TASK_ASSIGNED")
+    await worker.send(
+        "TASK_COMPLETED", taskId=second["task"]["id"], resultUrl="https://x/1"
+    )
+    results = [await master.expect("TASK_COMPLETED") for _ in range(2)]
+    assert sorted(r["filename"] for r in results) == ["f0.png", "f1.png"]
+    finished = await master.expect("SESSION_COMPLETED")
+    assert finished["stats"] == {"completed": 2, "failed": 0, "total": 2}
+    status, stats = await _get_async(port, "/status")
+    assert [w["id"] for w in stats["workers"]] == [worker_id]
+    assert linkup.alive()
