@@ -333,5 +333,6 @@ async def test_linkup_starts_a_killed_core_again_and_keeps_its_clients(deploymen
     finished = await master.expect("SESSION_COMPLETED")
     assert finished["stats"] == {"completed": 2, "failed": 0, "total": 2}
     status, stats = await _get_async(port, "/status")
+    assert status == 200
     assert [w["id"] for w in stats["workers"]] == [worker_id]
     assert linkup.alive()
