@@ -49,6 +49,7 @@ import platform
 import queue
 import random
 import resource
+import shlex
 import shutil
 import signal
 import socket
@@ -122,6 +123,7 @@ class Params:
     settle: float
     seed: int
     quick: bool
+    linkup_args: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -336,16 +338,18 @@ class StreamingClient:
                     self.sock.shutdown(socket.SHUT_WR)
 
 
-def expect(
-    client: StreamingClient, wanted: str, deadline: float, errors: list[str]
-) -> dict[str, Any]:
-    """The next message of type ``wanted``; ERRORs are recorded, others skipped."""
+def expect(client: StreamingClient, wanted: str, deadline: float) -> dict[str, Any]:
+    """
+    The next message of type ``wanted``, skipping others; an ERROR instead
+    ends the run (RuntimeError), since the answer may never come.
+
+    """
     while True:
         message = client.receive(max(0.0, deadline - time.monotonic()))
         if message["type"] == wanted:
             return message
         if message["type"] == "ERROR":
-            errors.append(f"ERROR while waiting for {wanted}: {message}")
+            raise RuntimeError(f"ERROR while waiting for {wanted}: {message}")
 
 
 def master_process(url: str, params: Params, events: Any) -> None:
@@ -374,24 +378,35 @@ def _master(url: str, params: Params, events: Any, report: dict[str, Any]) -> No
 
     client = StreamingClient(url, timeout=params.timeout)
     client.send_json({"type": "CREATE_SESSION"})
-    session_id = expect(client, "SESSION_CREATED", deadline, errors)["sessionId"]
+    session_id = expect(client, "SESSION_CREATED", deadline)["sessionId"]
 
     events.put(("started", time.monotonic(), {}))
-    sizes: list[int] = []
     submitted = 0
     for batch in messages:
         length, chunks = submit_message(session_id, batch, maker, digests)
-        sizes.append(length)
+        started = time.monotonic()
         client.send_streamed_text(length, chunks)
-        answer = expect(client, "TASKS_SUBMITTED", deadline, errors)
+        sent = time.monotonic()
+        answer = expect(client, "TASKS_SUBMITTED", deadline)
+        events.put(
+            (
+                "acked",
+                time.monotonic(),
+                {
+                    "bytes": length,
+                    "files": len(batch),
+                    "send_seconds": round(sent - started, 3),
+                    "ack_seconds": round(time.monotonic() - sent, 3),
+                },
+            )
+        )
         submitted += len(batch)
         if answer["taskCount"] != len(batch) or answer["totalPending"] != submitted:
             errors.append(
                 f"TASKS_SUBMITTED {answer} for {len(batch)} tasks, "
                 f"{submitted} pending in all"
             )
-    report["message_sizes"] = sizes
-    events.put(("submitted", time.monotonic(), {"message_sizes": sizes}))
+    events.put(("submitted", time.monotonic(), {}))
 
     results: dict[str, list[str]] = {}
     failed: list[dict[str, Any]] = []
@@ -718,6 +733,8 @@ class Run:
     marks: dict[str, float] = field(default_factory=dict)
     master: dict[str, Any] = field(default_factory=dict)
     workers: list[dict[str, Any]] = field(default_factory=list)
+    #: One entry per SUBMIT_TASKS answered: size, send and answer times.
+    messages: list[dict[str, Any]] = field(default_factory=list)
     spool: dict[str, int] = field(default_factory=dict)
     hwm: dict[str, dict[str, int | None]] = field(default_factory=dict)
     memory_detail: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)
@@ -785,6 +802,14 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Params, Path | None, Path]:
         "--seed", type=int, default=1, help="seed of the random file data"
     )
     parser.add_argument(
+        "--linkup-args",
+        default="",
+        metavar="ARGS",
+        help="more options for linkup, one string, e.g. '--link-timeout 30' "
+        "(default: none; --max-message-size is raised to fit the largest "
+        "message)",
+    )
+    parser.add_argument(
         "--quick",
         action="store_true",
         help="64MiB in 1MiB files and 16MiB messages: a few seconds, for CI",
@@ -821,6 +846,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Params, Path | None, Path]:
         settle=args.settle,
         seed=args.seed,
         quick=args.quick,
+        linkup_args=tuple(shlex.split(args.linkup_args)),
     )
     return params, args.data_dir, args.output
 
@@ -862,6 +888,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 str(data_dir),
                 "--max-message-size",
                 str(max_message_size),
+                *params.linkup_args,
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -879,8 +906,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         processes.append(master)
 
         # Phase 1.
-        _wait_for(events, {"started"}, run, processes, deadline)
-        submitted = _wait_for(events, {"submitted", "done"}, run, processes, deadline)
+        submitted = _wait_for(events, {"started"}, run, processes, deadline)
+        if submitted == "started":
+            submitted = _wait_for(events, {"submitted"}, run, processes, deadline)
         if submitted == "submitted":
             time.sleep(params.settle)
             run.marks["settled"] = time.monotonic()
@@ -973,7 +1001,7 @@ def _wait_for(
     processes: Sequence[multiprocessing.process.BaseProcess],
     deadline: float,
 ) -> str:
-    """Handle events until one of ``kinds``; return its kind."""
+    """Handle events until one of ``kinds`` or ``done``; return its kind."""
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
@@ -988,9 +1016,10 @@ def _wait_for(
         match kind:
             case "started":
                 run.marks["phase1_start"] = when
+            case "acked":
+                run.messages.append(payload)
             case "submitted":
                 run.marks["phase1_end"] = when
-                run.master["message_sizes"] = payload["message_sizes"]
             case "worker_connecting":
                 run.marks.setdefault("phase2_start", when)
             case "done":
@@ -998,7 +1027,9 @@ def _wait_for(
                 run.master.update(payload)
             case "worker":
                 run.workers.append(payload)
-        if kind in kinds:
+        # "done": the master has finished, early if something went wrong;
+        # nothing else is coming from it.
+        if kind in kinds or kind == "done":
             return str(kind)
 
 
@@ -1014,7 +1045,7 @@ def _report(
     marks = run.marks
     samples = sampler.samples if sampler is not None else []
     wire_bytes = sum(spec.base64_size for spec in files)
-    message_sizes: list[int] = run.master.get("message_sizes", [])
+    message_sizes = [m["bytes"] for m in run.messages]
 
     def phase(
         start: str, end: str, window_start: str, window_end: str
@@ -1022,18 +1053,21 @@ def _report(
         # Timed from the master's or workers' first move to the last answer;
         # the peaks are taken over the window, which adds the quiet moments
         # around it, so that nothing between the phases escapes.
-        if start not in marks or end not in marks:
+        # A phase cut short by a failure reports what it saw until the end.
+        if start not in marks:
             return None
-        seconds = marks[end] - marks[start]
+        finished = end in marks
+        stop = marks[end] if finished else (samples[-1].t if samples else 0.0)
+        seconds = max(stop - marks[start], 1e-9)
         window = (
             []
             if sampler is None
             else sampler.window(
-                marks.get(window_start, marks[start]),
-                marks.get(window_end, marks[end]),
+                marks.get(window_start, marks[start]), marks.get(window_end, stop)
             )
         )
         return {
+            "completed": finished,
             "seconds": round(seconds, 3),
             "payload_mb_per_s": round(params.total / seconds / 1e6, 1),
             "wire_mb_per_s": round(wire_bytes / seconds / 1e6, 1),
@@ -1073,7 +1107,7 @@ def _report(
             "payload_bytes": params.total,
             "wire_bytes": wire_bytes,
             "largest_message_bytes": max(message_sizes, default=0),
-            "message_bytes": message_sizes,
+            "messages_acked": run.messages,
             "largest_task_assigned_bytes": max(
                 (w.get("largest_message", 0) for w in run.workers), default=0
             ),
@@ -1148,6 +1182,8 @@ def _table(report: dict[str, Any]) -> str:
         if phase is None:
             lines.append(f"{label:24}{'(did not run)':>16}")
             continue
+        if not phase["completed"]:
+            label = f"{label[:7]} peak, cut short"
         peak = phase["peak_rss"]
         lines.append(
             f"{label:24}{_mib(peak['core']):>8}{_mib(peak['bridge']):>8}"

@@ -13,7 +13,7 @@ assignment that never arrived, and applies a report it never got.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = ["REPORTS", "Continuity"]
@@ -46,6 +46,9 @@ class Continuity:
     report_unsent: bool = False
     #: A request forwarded to the core and not yet answered.
     awaiting: str | None = None
+    #: For each session, how many of its outcome messages the core delivered
+    #: here: a restarted core sends the ones after these.
+    results: dict[str, int] = field(default_factory=dict)
 
     def forwarded(self, message_type: str, header: dict[str, Any]) -> None:
         """
@@ -63,11 +66,17 @@ class Continuity:
         if header.get("taskId") == self.holds:
             self.holds = None
 
-    def delivered(self, message: dict[str, Any]) -> None:
+    def delivered(
+        self, message: dict[str, Any], result: list[Any] | None = None
+    ) -> None:
         """
-        Note a message from the core on its way to the connection.
+        Note a message from the core on its way to the connection; ``result``
+        is the link's ``[session id, index]`` of a session outcome.
 
         """
+        if result is not None:
+            session_id, index = result
+            self.results[session_id] = max(self.results.get(session_id, 0), index + 1)
         message_type = message.get("type")
         if message_type in _ROLE_GIVEN:
             self.has_role = True
@@ -86,4 +95,9 @@ class Continuity:
         This connection as HELLO lists it.
 
         """
-        return {"client": number, "holds": self.holds, "report": self.report}
+        return {
+            "client": number,
+            "holds": self.holds,
+            "report": self.report,
+            "results": self.results,
+        }

@@ -38,6 +38,7 @@ from typing import Any
 
 from websockets.asyncio.server import Server, ServerConnection
 from websockets.frames import CloseCode
+from websockets.protocol import State
 from websockets.server import ServerProtocol
 
 __all__ = ["CLOSE_KEEPALIVE", "KeepaliveConnection", "Liveness"]
@@ -170,6 +171,8 @@ class KeepaliveConnection(ServerConnection):
         # Outbound progress is sampled, so check a few times per timeout.
         while True:
             await asyncio.sleep(timeout / 4)
+            if self.state is not State.OPEN:
+                return  # closing already, within close_timeout
             now = self.loop.time()
             self.liveness.outbound(now, _outbound_backlog(self))
             if not self.transport.is_reading():

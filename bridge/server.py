@@ -94,6 +94,7 @@ class BridgeOptions:
     core_grace: float = 120.0
 
 
+# The name the rest of this module uses for a queued close.
 _Close = Close
 
 
@@ -328,21 +329,22 @@ class Bridge:
         # loop and nothing else.
         websocket = client.websocket
         outbox = client.outbox
-        # Set here, not where the client is made: this task starts before the
-        # link or the client's messages can queue anything but the first item,
-        # which an empty outbox takes whatever the limit.
+        # Set here rather than where the client is made. Until this task first
+        # runs the default limit applies, which can only concern replies to
+        # what the client sent in that instant: too little to matter.
         outbox.max_bytes = self.options.max_outbox_bytes
         sending: asyncio.Timeout | None = None
 
         def overflowed(close: Close) -> None:
             logger.warning(
-                "client=%d too slow, closing: %s (--max-outbox %d)",
+                "closing client=%d: %s (--max-outbox %d)",
                 client.number,
                 close.reason,
                 self.options.max_outbox_bytes,
             )
             # The message being sent may be stuck behind a peer that does not
-            # read: stop waiting for it, and go on to the Close now queued.
+            # read: stop waiting for it (expire the timeout now), and go on to
+            # the Close now queued.
             if sending is not None:
                 sending.reschedule(-1)
 
@@ -391,7 +393,7 @@ class Bridge:
                     return
                 if message.get("type") == "ERROR":
                     self.metrics.error_sent(message.get("code", ""))
-                client.continuity.delivered(message)
+                client.continuity.delivered(message, header.get("result"))
                 payload = envelope.payloads[0] if envelope.payloads else None
                 if logger.isEnabledFor(logging.DEBUG):
                     logger.debug(

@@ -112,6 +112,9 @@ class Session:
     attached: bool = True
     #: While detached: when the session is dropped unless resumed.
     detached_until: float | None = None
+    #: Restored from the store, and its bridge has not said yet whether the
+    #: master's connection is still there.
+    restored: bool = False
     #: Once ended: when it is forgotten.
     expires_at: float | None = None
     #: Task ids waiting for a worker, in order; retries go to the front.
@@ -159,12 +162,15 @@ class ClientClaim:
             seen reported, if any.
         report: A TASK_COMPLETED or TASK_FAILED from this connection that may
             not have reached the core, if any.
+        results: For each session whose outcomes the connection received,
+            how many it received; the core sends it the rest.
 
     """
 
     conn: int
     holds: str | None = None
     report: dict[str, Any] | None = None
+    results: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -205,6 +211,9 @@ class Send:
     client: ClientRef
     message: dict[str, Any]
     payload_key: str | None = None
+    #: For a session's outcome message: (session id, its index in
+    #: ``Session.results``), so that the bridge can count what it delivered.
+    result: tuple[str, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)

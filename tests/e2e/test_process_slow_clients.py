@@ -11,6 +11,7 @@ import base64
 import contextlib
 import hashlib
 import random
+import signal
 from collections.abc import AsyncIterator
 
 import pytest
@@ -72,7 +73,7 @@ async def fall_behind(process: Process, client: RawClient, number: int) -> int:
     """
     frame = client.frame("GET_STATS")
     too_slow = (
-        rf"WARNING +linkup\.bridge: client={number} too slow, closing: "
+        rf"WARNING +linkup\.bridge: closing client={number}: "
         r"too slow: (\d+) bytes waiting"
     )
 
@@ -199,3 +200,24 @@ async def test_stats_updates_for_a_client_that_does_not_read_are_coalesced(
         completed = await master.expect("TASK_COMPLETED")
         assert completed["taskId"] == task["id"], completed
         await slow.close()
+
+
+@pytest.mark.slow
+async def test_linkup_stops_in_time_while_a_client_does_not_read(deployment):
+    """Closing a client that does not read ends within the close timeout."""
+    async with linkup(deployment) as (process, clients):
+        worker = await RawClient.connect(clients.url, receive_buffer=16 * 2**10)
+        await worker.send("WORKER_REGISTER")
+        await worker.expect("WORKER_REGISTERED")
+        master, session_id, _ = await clients.master()
+        data = random.randbytes(STUCK_FILE_SIZE)
+        await submit(master, session_id, [make_task("big.png", data)])
+        await wait_for_log(process, r"> TASK_ASSIGNED client=\d+ payload_bytes=")
+
+        process.signal(signal.SIGTERM)
+        # linkup gives the bridge 5 s before it kills it.
+        status = await asyncio.to_thread(process.popen.wait, CLOSE_TIMEOUT + UNIT)
+        assert status == 0
+        assert "did not stop" not in process.log()
+        assert "bridge stopped" in process.log()
+        await worker.close()

@@ -25,6 +25,7 @@ from tests.e2e.harness import (
     Process,
     create_session,
     http_get,
+    read_stdout_until,
     register_worker,
     wait_ready,
 )
@@ -301,6 +302,8 @@ async def test_linkup_starts_a_killed_core_again_and_keeps_its_clients(deploymen
     same data dir, and a worker and a master carry on over their connections.
     """
     linkup, port = deployment.linkup(*FAST_LINK)
+    # Supervision starts once the launcher has printed where to connect.
+    await asyncio.to_thread(read_stdout_until, linkup, "Ctrl-C")
     url = f"ws://127.0.0.1:{port}"
     worker, worker_id = await register_worker(url)
     master, session_id, _ = await create_session(url)

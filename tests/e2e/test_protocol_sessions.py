@@ -21,6 +21,7 @@ from tests.e2e.protocol_helpers import (
     Upload,
     expect_assignment,
     expect_error,
+    expect_silence,
     expect_stats,
     get_stats,
     heartbeat,
@@ -36,9 +37,6 @@ from tests.e2e.raw_clients import wait_for_log
 
 # Everything the core keeps for RESUME_SESSION and replays, in order.
 OUTCOMES = (*RESULTS, "TASK_CANCELLED", "SESSION_COMPLETED", "SESSION_CANCELLED")
-# Long enough for a message that is on its way to arrive; used only to show
-# that nothing more comes after an exchange that already synchronised.
-SETTLE = 0.3 * UNIT
 
 
 def files_named(prefix: str, count: int) -> dict[str, bytes]:
@@ -576,3 +574,65 @@ async def test_an_attempt_past_the_task_timeout_goes_to_another_worker(start):
         await master.expect("SESSION_COMPLETED")
         await assert_quiet(master, *OUTCOMES)
         assert "https://late/s" not in json.dumps(master.backlog)
+
+
+async def test_an_announced_wait_extends_the_attempts_time_limit(start):
+    """
+    --task-timeout counts the waitTime a worker announced: a worker that
+    waits out a rate limit longer than the limit keeps its task.
+    """
+    limit = 1 * UNIT
+    clients = await start("--task-timeout", f"{limit:g}")
+    worker, _ = await clients.worker()
+    spare, _ = await clients.worker()
+    async with in_background(heartbeat(worker), heartbeat(spare)):
+        master, session_id, _ = await clients.master()
+        await submit(master, session_id, [make_task("patient.png", b"waits")])
+        holder, assigned = await expect_assignment([worker, spare])
+        (other,) = [w for w in (worker, spare) if w is not holder]
+        await holder.send(
+            "TASK_WAITING",
+            taskId=assigned["task"]["id"],
+            waitTime=limit,
+            waitStart=int(time.time() * 1000),
+        )
+        await master.expect("TASK_WAITING")
+
+        # Past the limit alone, within the limit plus the wait.
+        await expect_silence(holder, "TASK_CANCELLED", within=1.5 * limit)
+        url = await complete(holder, assigned["task"])
+        completed = await master.expect(*RESULTS)
+        assert completed["resultUrl"] == url
+        await master.expect("SESSION_COMPLETED")
+        await assert_quiet(holder, "TASK_CANCELLED")
+        await assert_quiet(other, "TASK_ASSIGNED")
+
+
+async def test_a_worker_cannot_resume_a_session(start):
+    """RESUME_SESSION from a registered worker: wrong_role; the session is intact."""
+    clients = await start()
+    worker, _ = await clients.worker()
+    master, session_id, _ = await clients.master()
+    await worker.send("RESUME_SESSION", sessionId=session_id)
+    await expect_error(worker, "wrong_role")
+    await submit(master, session_id, [make_task("still.png", b"mine")])
+    url = await complete(worker, (await worker.expect("TASK_ASSIGNED"))["task"])
+    completed = await master.expect(*RESULTS)
+    assert completed["resultUrl"] == url
+    await master.expect("SESSION_COMPLETED")
+
+
+async def test_an_ended_session_is_forgotten_after_the_retention(start, deployment):
+    """After --retention, RESUME_SESSION of a completed session: unknown_session."""
+    clients = await start("--retention", f"{UNIT:g}")
+    linkup = deployment.processes[-1]
+    worker, _ = await clients.worker()
+    master, session_id, _ = await clients.master()
+    await submit(master, session_id, [make_task("kept.png", b"for a while")])
+    await complete(worker, (await worker.expect("TASK_ASSIGNED"))["task"])
+    await master.expect("SESSION_COMPLETED")
+
+    await wait_for_log(linkup, f"ended session forgotten session={session_id}")
+    back = await clients.connect()
+    await back.send("RESUME_SESSION", sessionId=session_id)
+    await expect_error(back, "unknown_session")
