@@ -13,7 +13,7 @@ import sys
 import zmq.asyncio
 
 from bridge.server import Bridge, BridgeOptions
-from core.__main__ import add_link_options, port_number, positive_float
+from core.__main__ import add_link_options, byte_size, port_number, positive_float
 from linkup import __version__
 from linkup.logs import add_log_level_option, configure_logging
 
@@ -95,33 +95,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_log_level_option(parser)
     parser.add_argument("--version", action="version", version=__version__)
     return parser
-
-
-_UNITS = {
-    "": 1,
-    "b": 1,
-    "kib": 2**10,
-    "mib": 2**20,
-    "gib": 2**30,
-    "kb": 10**3,
-    "mb": 10**6,
-    "gb": 10**9,
-}
-
-
-def byte_size(text: str) -> int:
-    number = text.strip().lower()
-    unit = number.lstrip("0123456789.")
-    digits = number[: len(number) - len(unit)]
-    try:
-        value = int(float(digits) * _UNITS[unit.strip()])
-    except (ValueError, KeyError):
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a size such as 1073741824, 512MiB or 1GiB"
-        ) from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError("must be positive")
-    return value
 
 
 async def serve(options: BridgeOptions) -> None:

@@ -102,9 +102,9 @@ _Close = Close
 class _Client:
     number: int
     websocket: ServerConnection
+    #: Bounded: see bridge.outbox.
+    outbox: Outbox
     continuity: Continuity = field(default_factory=Continuity)
-    # Bounded: see bridge.outbox. _send_loop sets its limit.
-    outbox: Outbox = field(default_factory=Outbox)
 
 
 class Bridge:
@@ -216,7 +216,9 @@ class Bridge:
                 )
                 return
 
-        client = _Client(next(self._numbers), websocket)
+        client = _Client(
+            next(self._numbers), websocket, Outbox(self.options.max_outbox_bytes)
+        )
         self._clients[client.number] = client
         logger.info(
             "client connected client=%d remote=%s path=%s",
@@ -329,10 +331,6 @@ class Bridge:
         # loop and nothing else.
         websocket = client.websocket
         outbox = client.outbox
-        # Set here rather than where the client is made. Until this task first
-        # runs the default limit applies, which can only concern replies to
-        # what the client sent in that instant: too little to matter.
-        outbox.max_bytes = self.options.max_outbox_bytes
         sending: asyncio.Timeout | None = None
 
         def overflowed(close: Close) -> None:
