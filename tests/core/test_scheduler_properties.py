@@ -70,13 +70,6 @@ END_STATE["SESSION_CANCELLED"] = "cancelled"
 
 BOGUS_TASK = "t-bogus"
 
-#: A master kept across a bridge re-link or a core restart never gets the
-#: outcomes produced while its link was down (see the xfail regression test
-#: below). While that is so, such a master resumes its sessions right after
-#: the join, as a fixed core would make unnecessary, so that the machine can
-#: look for other bugs.
-WORK_AROUND_LOST_OUTCOMES = True
-
 
 @pytest.fixture(autouse=True)
 def _quiet_scheduler() -> Iterator[None]:
@@ -120,6 +113,9 @@ class Client:
     #: Continuity.report and Continuity.report_unsent.
     report: dict[str, Any] | None = None
     unsent: bool = False
+    #: Continuity.results: per session, how many of its outcomes (by index
+    #: in Session.results) reached this connection.
+    results: dict[str, int] = field(default_factory=dict)
     received: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -132,8 +128,8 @@ class SessionView:
     owner: ClientRef | None
     #: Every task id submit_tasks returned for it.
     tasks: list[str] = field(default_factory=list)
-    #: The outcome messages its masters got, in order: live ones, then
-    #: merged with what RESUME_SESSION replayed.
+    #: Its outcome messages, by their index in Session.results, as its
+    #: masters got them, live or replayed; there must be no gap.
     view: list[dict[str, Any]] = field(default_factory=list)
     #: A RESUME_SESSION was refused: the core forgot it.
     gone: bool = False
@@ -179,8 +175,9 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.conns = itertools.count(1)
         self.payloads = itertools.count(1)
         self.gone_queue: list[ClientRef] = []
-        self.resuming: tuple[ClientRef, str, int] | None = None
-        self.replay: dict[str, Any] | None = None
+        #: Set while a RESUME_SESSION or a bridge's join is handled: outcomes
+        #: the master already has may come again then, and only then.
+        self.replaying = False
 
     # The shell.
 
@@ -206,7 +203,6 @@ class SchedulerMachine(RuleBasedStateMachine):
             self.store.save(changes)
             for item in self.sched.messages_to_send():
                 self.deliver(item)
-            assert self.replay is None, "RESUME_SESSION replay cut short"
             gone, self.gone_queue = self.gone_queue, []
             if not gone:
                 return
@@ -273,6 +269,12 @@ class SchedulerMachine(RuleBasedStateMachine):
             return
         assert isinstance(item, Send)
         message = copy.deepcopy(item.message)
+        if item.result is not None:
+            # Bridge: Continuity.delivered counts what reached the connection.
+            session_id, index = item.result
+            client.results[session_id] = max(
+                client.results.get(session_id, 0), index + 1
+            )
         assert client.connected, f"{message['type']} sent to closed client {ref}"
         client.received.append(message)
         kind = message["type"]
@@ -287,7 +289,10 @@ class SchedulerMachine(RuleBasedStateMachine):
             assert message["sessionId"] not in self.sessions
             self.sessions[message["sessionId"]] = SessionView(message["sessionId"], ref)
         elif kind == "SESSION_RESUMED":
-            self.on_resumed(client, message)
+            assert client.role in (None, "master")
+            client.role, client.has_role = "master", True
+            session = self.sessions[message["sessionId"]]
+            session.owner, session.gone = ref, False
         elif kind == "TASKS_SUBMITTED":
             session = self.sessions[message["sessionId"]]
             assert session.owner == ref
@@ -303,7 +308,8 @@ class SchedulerMachine(RuleBasedStateMachine):
             client.told_cancelled = True
         elif kind in TASK_OUTCOMES or kind in SESSION_ENDS:
             assert client.role == "master", f"{kind} to a {client.role}"
-            self.on_outcome(client, message)
+            assert item.result is not None, f"outcome sent without its index: {item}"
+            self.on_outcome(client, message, item.result)
         elif kind == "TASK_WAITING":
             session = self.sessions[self.task_session[message["taskId"]]]
             assert session.owner == ref, f"TASK_WAITING to {ref}, not its master"
@@ -331,71 +337,36 @@ class SchedulerMachine(RuleBasedStateMachine):
         client.holds, client.told_cancelled = task_id, False
         client.report, client.unsent = None, False
 
-    def on_outcome(self, client: Client, message: dict[str, Any]) -> None:
+    def on_outcome(
+        self, client: Client, message: dict[str, Any], result: tuple[str, int]
+    ) -> None:
         kind = message["type"]
         if kind in SESSION_ENDS:
             session_id = message["sessionId"]
         else:
             session_id = self.task_session[message["taskId"]]
         session = self.sessions[session_id]
-        replay = self.replay
-        if replay is not None and replay["ref"] == client.ref:
-            assert replay["session"] == session_id
-            replay["messages"].append(message)
-            if len(replay["messages"]) == replay["count"]:
-                self.end_replay()
-            return
+        assert result[0] == session_id, f"{message} sent as an outcome of {result}"
         assert session.owner == client.ref, (
             f"{kind} of {session_id} to {client.ref}, its master is {session.owner}"
         )
+        index = result[1]
+        assert index <= len(session.view), (
+            f"outcome {index} of {session_id} delivered, but its master never got "
+            f"outcomes {len(session.view)}..{index - 1}; it has {session.view}"
+        )
+        if index < len(session.view):
+            assert self.replaying, (
+                f"the live stream carried outcome {index} of {session_id} twice: "
+                f"{message}"
+            )
+            assert session.view[index] == message, (
+                f"outcome {index} of {session_id} was {session.view[index]}, "
+                f"now {message}"
+            )
+            return
         session.view.append(message)
         self.check_view(session)
-
-    def on_resumed(self, client: Client, message: dict[str, Any]) -> None:
-        assert self.resuming is not None
-        ref, session_id, after = self.resuming
-        assert (client.ref, message["sessionId"]) == (ref, session_id)
-        assert client.role in (None, "master")
-        client.role, client.has_role = "master", True
-        session = self.sessions[session_id]
-        session.owner, session.gone = ref, False
-        self.replay = {
-            "ref": ref,
-            "session": session_id,
-            "after": after,
-            "count": max(0, message["results"] - after),
-            "messages": [],
-            "resumed": message,
-        }
-        if self.replay["count"] == 0:
-            self.end_replay()
-
-    def end_replay(self) -> None:
-        replay, self.replay = self.replay, None
-        assert replay is not None
-        session = self.sessions[replay["session"]]
-        after, old = replay["after"], session.view
-        assert after <= len(old)
-        new = old[:after] + replay["messages"]
-        for index in range(after, min(len(old), len(new))):
-            assert old[index] == new[index], (
-                f"replayed outcome {index} {new[index]} differs from the live "
-                f"{old[index]}"
-            )
-        assert len(new) >= len(old), (
-            f"RESUME_SESSION lost outcomes its master had: {old[len(new) :]}"
-        )
-        resumed = replay["resumed"]
-        assert len(new) == resumed["results"]
-        session.view = new
-        self.check_view(session)
-        assert resumed["state"] == END_STATE[session.end]
-        stats, counts = resumed["stats"], view_counts(new)
-        assert stats["total"] == len(session.tasks)
-        assert stats["completed"] == counts["TASK_COMPLETED"]
-        assert stats["failed"] == counts["TASK_FAILED"]
-        if session.end != "SESSION_CANCELLED":
-            assert stats.get("cancelled", 0) == counts["TASK_CANCELLED"]
 
     def check_view(self, session: SessionView) -> None:
         """Outcomes: one per task, progress exact and growing, one end, last."""
@@ -740,20 +711,35 @@ class SchedulerMachine(RuleBasedStateMachine):
 
     def resume_session(self, ref: ClientRef, session_id: str, after: int) -> bool:
         session = self.sessions[session_id]
-        self.resuming = (ref, session_id, after)
         accepted, _ = self.call(
             ref,
             lambda: self.sched.resume_session(ref, session_id, after, self.now),
             expect="refuse" if session.gone else "either",
             errors=(UnknownSession,),
         )
-        if accepted:
-            self.flush()
-            assert session.owner == ref
-        else:
+        if not accepted:
             session.gone, session.owner = True, None
-        self.resuming = None
-        return accepted
+            return False
+        self.replaying = True
+        self.flush()
+        self.replaying = False
+        assert session.owner == ref
+        resumed = [
+            m for m in self.clients[ref].received if m["type"] == "SESSION_RESUMED"
+        ][-1]
+        assert resumed["sessionId"] == session_id
+        assert len(session.view) == resumed["results"], (
+            f"SESSION_RESUMED counts {resumed['results']} outcomes, the master "
+            f"has {len(session.view)}: {session.view}"
+        )
+        assert resumed["state"] == END_STATE[session.end]
+        stats, counts = resumed["stats"], view_counts(session.view)
+        assert stats["total"] == len(session.tasks)
+        assert stats["completed"] == counts["TASK_COMPLETED"]
+        assert stats["failed"] == counts["TASK_FAILED"]
+        if session.end != "SESSION_CANCELLED":
+            assert stats.get("cancelled", 0) == counts["TASK_CANCELLED"]
+        return True
 
     # Wrong roles.
 
@@ -826,7 +812,12 @@ class SchedulerMachine(RuleBasedStateMachine):
             if c.ref[0] == bridge and c.connected and c.has_role
         ]
         claims = [
-            ClientClaim(c.ref[1], c.holds, c.report if with_reports else None)
+            ClientClaim(
+                c.ref[1],
+                holds=c.holds,
+                report=c.report if with_reports else None,
+                results=dict(c.results),
+            )
             for c in clients
         ]
         known = s.bridge_joined(bridge, claims, self.now)
@@ -840,30 +831,14 @@ class SchedulerMachine(RuleBasedStateMachine):
             if client.ref[1] not in known:
                 client.has_role = False
                 self.close(client)
+        self.replaying = True
         self.flush()
+        self.replaying = False
         for client in clients:
             if client.connected and client.unsent and client.report is not None:
                 client.unsent = False
                 self.replay_report(client.ref, client.report)
                 self.flush()
-        if WORK_AROUND_LOST_OUTCOMES:
-            for client in clients:
-                if client.connected and client.role == "master":
-                    self.resync(client)
-
-    def resync(self, client: Client) -> None:
-        """
-        A master the core kept across a re-link asks for what it missed.
-
-        The plugin does not do this; it stands in for the fix of the bug in
-        test_outcomes_while_the_link_was_down_reach_the_master.
-
-        """
-        for session in sorted(self.sessions.values(), key=lambda v: v.id):
-            if session.owner == client.ref:
-                # Refused if the session was dropped meanwhile; see
-                # test_a_kept_master_hears_of_a_session_dropped_meanwhile.
-                self.resume_session(client.ref, session.id, len(session.view))
 
     def replay_report(self, ref: ClientRef, report: dict[str, Any]) -> None:
         # CoreServer._replay_report: refused replays are ignored.

@@ -229,12 +229,15 @@ async def test_an_empty_file_round_trips(start):
 
 
 async def test_a_one_file_master_is_not_starved_by_a_big_batch(start):
-    """Sessions take turns: a master with one file waits for at most one other file."""
+    """
+    Sessions take turns: a master with one file waits for at most one other
+    file, even behind a 500-file batch sharing the only worker.
+    """
     clients = await start()
     worker, _ = await clients.worker()
     big, big_session, _ = await clients.master()
     small, small_session, _ = await clients.master()
-    await submit(big, big_session, [make_task(f"b{i}.png", b"b") for i in range(20)])
+    await submit(big, big_session, [make_task(f"b{i}.png", b"b") for i in range(500)])
     first = (await worker.expect("TASK_ASSIGNED"))["task"]
     await submit(small, small_session, [make_task("only.png", b"s")])
 
