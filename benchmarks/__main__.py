@@ -30,7 +30,7 @@ import urllib.request
 import psutil
 from websockets.asyncio.client import ClientConnection, connect
 
-from bridge.__main__ import byte_size
+from core.__main__ import byte_size
 
 
 def main() -> int:

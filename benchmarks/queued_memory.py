@@ -355,7 +355,8 @@ def expect(client: StreamingClient, wanted: str, deadline: float) -> dict[str, A
 def master_process(url: str, params: Params, events: Any) -> None:
     """
     Phase 1, then the results of phase 2; reports to ``events``: ``started``,
-    ``submitted`` and ``done`` (with every check's outcome).
+    ``acked`` for each TASKS_SUBMITTED, ``submitted`` and ``done`` (with
+    every check's outcome).
 
     """
     errors: list[str] = []
@@ -742,8 +743,8 @@ class Run:
 
 def parse_args(argv: Sequence[str] | None) -> tuple[Params, Path | None, Path]:
     # Here, not at the top: the load generator's processes import this module
-    # too, and need none of the bridge.
-    from bridge.__main__ import byte_size
+    # too, and need none of the core.
+    from core.__main__ import byte_size
 
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.queued_memory",

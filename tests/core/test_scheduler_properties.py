@@ -957,7 +957,10 @@ class SchedulerMachine(RuleBasedStateMachine):
         )
         self.flush()
         quiet = 0
-        for _ in range(100):
+        # Enough turns for every live task to use all its attempts with the
+        # one extra worker, and for every timer to run out.
+        turns = 60 + MAX_ATTEMPTS * len(self.task_session)
+        for _ in range(turns):
             for ref in self.live("worker"):
                 client = self.clients[ref]
                 if not client.connected:
