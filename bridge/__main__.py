@@ -16,6 +16,7 @@ from bridge.server import Bridge, BridgeOptions
 from core.__main__ import add_link_options, byte_size, port_number, positive_float
 from linkup import __version__
 from linkup.logs import add_log_level_option, configure_logging
+from linkup.memory import return_large_buffers_promptly
 
 _DEFAULTS = BridgeOptions()
 
@@ -121,6 +122,7 @@ async def serve(options: BridgeOptions) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level)
+    return_large_buffers_promptly()
     options = BridgeOptions(
         core=args.core,
         host=args.host,

@@ -34,6 +34,7 @@ from core.spool import Spool
 from core.store import StorageError, Store, open_data_dir, open_memory
 from linkup import __version__
 from linkup.logs import add_log_level_option, configure_logging
+from linkup.memory import return_large_buffers_promptly
 
 # Refuse to start with less free space than this in the data dir: a core
 # that fills the disk mid-batch can only refuse files.
@@ -278,6 +279,7 @@ def _raise_keyboard_interrupt(signum: int, frame: FrameType | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level)
+    return_large_buffers_promptly()
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
 
     try:

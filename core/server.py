@@ -157,16 +157,21 @@ class CoreServer:
                     self._on_disconnect_event()
                 # Drain everything that is waiting before running timers.
                 while self._socket.poll(0, zmq.POLLIN):
-                    frames = self._socket.recv_multipart(copy=False)
-                    try:
-                        self._on_frames(frames)
-                    except Exception:
-                        # A bug, or a peer that speaks the protocol wrongly:
-                        # lose this message, never the core.
-                        logger.error("bug while handling a link message", exc_info=True)
+                    self._receive_one()
                     self._flush()
             self._run_timers()
             self._flush()
+
+    def _receive_one(self) -> None:
+        # In a function of its own so that the frames, a whole batch of files
+        # perhaps, are freed on return rather than kept until the next one.
+        frames = self._socket.recv_multipart(copy=False)
+        try:
+            self._on_frames(frames)
+        except Exception:
+            # A bug, or a peer that speaks the protocol wrongly: lose this
+            # message, never the core.
+            logger.error("bug while handling a link message", exc_info=True)
 
     def stop(self) -> None:
         """
@@ -217,11 +222,16 @@ class CoreServer:
                     bridge.instance,
                 )
                 self._forget_bridge(bridge.routing_id, now)
-            elif now - bridge.last_sent >= self.heartbeat_interval:
-                self._send(bridge.routing_id, Command.HEARTBEAT)
+        self._heartbeat_due_bridges()
 
         # Cheap when nothing is due, so no need to ask next_deadline() first.
         self.scheduler.tick(now)
+
+    def _heartbeat_due_bridges(self) -> None:
+        now = self._clock()
+        for bridge in list(self._bridges.values()):
+            if now - bridge.last_sent >= self.heartbeat_interval:
+                self._send(bridge.routing_id, Command.HEARTBEAT)
 
     # Input.
 
@@ -434,6 +444,9 @@ class CoreServer:
         try:
             for payload in payloads:
                 keys.append(self.spool.put(payload))
+                # Writing a large batch takes a while: bridges must not take
+                # the core's silence meanwhile for its loss.
+                self._heartbeat_due_bridges()
             specs = [
                 TaskSpec(
                     task["filename"], task["mimeType"], task["size"], key, len(payload)

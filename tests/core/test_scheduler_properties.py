@@ -172,6 +172,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.task_session: dict[str, str] = {}
         self.task_payload: dict[str, str] = {}
         self.freed: set[str] = set()
+        self.deleted_tasks: set[str] = set()
         self.conns = itertools.count(1)
         self.payloads = itertools.count(1)
         self.gone_queue: list[ClientRef] = []
@@ -190,9 +191,13 @@ class SchedulerMachine(RuleBasedStateMachine):
         """What CoreServer._flush does, then CLIENT_GONE for closed clients."""
         while True:
             changes = self.sched.take_changes()
-            for task in changes.tasks.values():
+            for task_id, task in changes.tasks.items():
                 if task is None:
+                    self.deleted_tasks.add(task_id)
                     continue
+                assert task_id not in self.deleted_tasks, (
+                    f"task {task_id} stored again after it was deleted: {task}"
+                )
                 assert task.attempts <= MAX_ATTEMPTS, (
                     f"task {task.id} stored with {task.attempts} attempts"
                 )
