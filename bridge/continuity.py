@@ -42,13 +42,13 @@ class Continuity:
     holds: str | None = None
     #: The connection's last TASK_COMPLETED or TASK_FAILED, as sent.
     report: dict[str, Any] | None = None
-    #: True while ``report`` has not been handed to the link at all.
-    report_unsent: bool = False
     #: A request forwarded to the core and not yet answered.
     awaiting: str | None = None
     #: For each session, how many of its outcome messages the core delivered
     #: here: a restarted core sends the ones after these.
     results: dict[str, int] = field(default_factory=dict)
+    #: Sessions the core made this connection the master of.
+    sessions: list[str] = field(default_factory=list)
 
     def forwarded(self, message_type: str, header: dict[str, Any]) -> None:
         """
@@ -56,13 +56,12 @@ class Continuity:
 
         """
         if message_type in REPORTS:
-            self.keep_report(header, sent=True)
+            self.keep_report(header)
         elif message_type in _ANSWERS:
             self.awaiting = message_type
 
-    def keep_report(self, header: dict[str, Any], *, sent: bool) -> None:
+    def keep_report(self, header: dict[str, Any]) -> None:
         self.report = header
-        self.report_unsent = not sent
         if header.get("taskId") == self.holds:
             self.holds = None
 
@@ -80,10 +79,11 @@ class Continuity:
         message_type = message.get("type")
         if message_type in _ROLE_GIVEN:
             self.has_role = True
+        if message_type in ("SESSION_CREATED", "SESSION_RESUMED"):
+            self.sessions.append(message["sessionId"])
         if message_type == "TASK_ASSIGNED":
             self.holds = message["task"]["id"]
             self.report = None
-            self.report_unsent = False
         if self.awaiting is not None and message_type in (
             _ANSWERS[self.awaiting],
             "ERROR",
@@ -99,5 +99,6 @@ class Continuity:
             "client": number,
             "holds": self.holds,
             "report": self.report,
-            "results": self.results,
+            "results": dict(self.results),
+            "sessions": list(self.sessions),
         }

@@ -87,6 +87,9 @@ class CoreLink:
         #: Counts this bridge's attempts to join; HELLOs repeated while
         #: waiting for a WELCOME share one number, so the core answers once.
         self._join = 1
+        # The claims of the current join, made once: a repeated HELLO must
+        # say what the first said, since the core applies only the first.
+        self._claims: tuple[int, list[dict[str, Any]]] | None = None
 
         self._socket = context.socket(zmq.DEALER)
         self._socket.setsockopt(zmq.ROUTING_ID, self.instance.encode())
@@ -233,11 +236,30 @@ class CoreLink:
                     "bridge": self.instance,
                     "heartbeat": self.heartbeat_interval,
                     "join": self._join,
-                    "clients": self._handler.client_claims(),
+                    "clients": self._claims_of_this_join(),
                 },
             )
         except Unavailable:
             logger.debug("- no core at %s yet", self.endpoint)
+
+    def claims_changed(self) -> None:
+        """
+        A connection with a role came, went or reported while the link is
+        down: the next HELLO must say so.
+
+        A HELLO the core may already have applied cannot change; a new join
+        number makes the core apply the new claims, and this bridge wait for
+        the WELCOME that answers them.
+
+        """
+        if not self.up.is_set() and self._claims is not None:
+            self._join += 1
+            self._claims = None
+
+    def _claims_of_this_join(self) -> list[dict[str, Any]]:
+        if self._claims is None or self._claims[0] != self._join:
+            self._claims = (self._join, self._handler.client_claims())
+        return self._claims[1]
 
     def _lose(self, reason: str) -> None:
         logger.warning("lost the core: %s", reason)

@@ -12,7 +12,6 @@ same port are answered by :mod:`bridge.http`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 from dataclasses import dataclass, field
@@ -126,7 +125,6 @@ class Bridge:
         self._numbers = itertools.count(1)
         self._stats_requests: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._close_timer: asyncio.TimerHandle | None = None
-        self._background: set[asyncio.Task[None]] = set()
         self._request_numbers = itertools.count(1)
 
         self.registry = CollectorRegistry()
@@ -257,8 +255,12 @@ class Bridge:
         finally:
             del self._clients[client.number]
             sender.cancel()
-            with contextlib.suppress(Unavailable):
+            try:
                 await self.link.send(Command.CLIENT_GONE, {"client": client.number})
+            except Unavailable:
+                # The core hears of it from the claims when it is back.
+                if client.continuity.has_role:
+                    self.link.claims_changed()
             logger.info("client disconnected client=%d", client.number)
 
     async def _parse(self, raw: bytes) -> Inbound:
@@ -312,7 +314,8 @@ class Bridge:
             logger.info(
                 "core away, report kept client=%d type=%s", client.number, inbound.type
             )
-            client.continuity.keep_report(inbound.header, sent=False)
+            client.continuity.keep_report(inbound.header)
+            self.link.claims_changed()
         elif inbound.type in ("WORKER_HEARTBEAT", "TASK_WAITING"):
             logger.debug("- %s dropped while the core is away", inbound.type)
         else:
@@ -437,14 +440,6 @@ class Bridge:
                 client.continuity.has_role = False
                 self._close(client, CLOSE_CORE_LOST, "linkup core lost this connection")
 
-        # Reports that never reached the link go now, marked as replayed so
-        # that the core ignores one it got through the HELLO already.
-        for client in self._clients.values():
-            continuity = client.continuity
-            if continuity.report_unsent and continuity.report is not None:
-                continuity.report_unsent = False
-                self._send_replayed(client.number, continuity.report)
-
     def on_link_lost(self, reason: str) -> None:
         for future in self._stats_requests.values():
             if not future.done():
@@ -485,18 +480,6 @@ class Bridge:
 
     def _close(self, client: _Client, code: int, reason: str) -> None:
         client.outbox.put_nowait(_Close(code, reason))
-
-    def _send_replayed(self, number: int, report: dict[str, Any]) -> None:
-        async def send() -> None:
-            with contextlib.suppress(Unavailable):
-                await self.link.send(
-                    Command.CLIENT_MESSAGE,
-                    {"client": number, "message": report, "replay": True},
-                )
-
-        task = asyncio.get_running_loop().create_task(send())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
 
 
 def _remote(websocket: ServerConnection) -> str:

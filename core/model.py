@@ -164,6 +164,7 @@ class ClientClaim:
             not have reached the core, if any.
         results: For each session whose outcomes the connection received,
             how many it received; the core sends it the rest.
+        sessions: The sessions the connection was told it is the master of.
 
     """
 
@@ -171,6 +172,7 @@ class ClientClaim:
     holds: str | None = None
     report: dict[str, Any] | None = None
     results: dict[str, int] = field(default_factory=dict)
+    sessions: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)

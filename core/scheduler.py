@@ -42,6 +42,7 @@ from typing import Any
 
 from core.errors import (
     InvalidField,
+    LinkupError,
     SessionClosed,
     TaskNotHeld,
     UnknownSession,
@@ -312,20 +313,7 @@ class Scheduler:
             TaskNotHeld: The sender is not busy with this task.
 
         """
-        held = self._take_report(client, task_id, "TASK_COMPLETED", now, replayed)
-        if held is None:
-            return
-        worker, task = held
-        worker.completed += 1
-        worker.total_bytes += task.spec.size
-        self._release_worker(worker, now)
-        logger.info(
-            "task completed task=%s worker=%s attempt=%d",
-            task_id,
-            worker.id,
-            task.attempts,
-        )
-        self._end_task(task, now, result_url=result_url)
+        self._complete(client, task_id, result_url, now, replayed)
         self._dispatch(now)
 
     def fail_task(
@@ -346,13 +334,7 @@ class Scheduler:
             TaskNotHeld: The sender is not busy with this task.
 
         """
-        held = self._take_report(client, task_id, "TASK_FAILED", now, replayed)
-        if held is None:
-            return
-        worker, task = held
-        worker.failed += 1
-        self._release_worker(worker, now)
-        self._end_attempt(task, error, now)
+        self._fail(client, task_id, error, now, replayed)
         self._dispatch(now)
 
     def report_waiting(
@@ -625,7 +607,16 @@ class Scheduler:
             the bridge must close any other connection that had a role.
 
         """
-        by_conn = {claim.conn: claim for claim in claims}
+        # A master connection that had a session the core no longer has for
+        # it (dropped while the bridge was away) must start over: the bridge
+        # closes it, as the first server would have.
+        by_conn = {
+            claim.conn: claim
+            for claim in claims
+            if not any(
+                self._lost_session(s, (bridge, claim.conn)) for s in claim.sessions
+            )
+        }
         # Masters first: a worker's claim below may end a task, and its
         # outcome must then go out once, live, not again with the backlog.
         for session in [s for s in self._sessions.values() if s.master[0] == bridge]:
@@ -658,8 +649,18 @@ class Scheduler:
                     self._stats_changed(now)
                 self._reclaim_worker(worker, claim, now)
 
+        # Before any dispatch: a report must never meet a newer attempt of
+        # its task.
+        for claim in sorted(by_conn.values(), key=lambda c: c.conn):
+            if claim.report is not None:
+                self._apply_claimed_report((bridge, claim.conn), claim.report, now)
+
         self._dispatch(now)
         return self.known_clients(bridge)
+
+    def _lost_session(self, session_id: str, client: ClientRef) -> bool:
+        session = self._sessions.get(session_id)
+        return session is None or session.master != client
 
     def known_clients(self, bridge: bytes) -> list[int]:
         """
@@ -854,8 +855,57 @@ class Scheduler:
             )
         else:
             logger.info("report of a cancelled task discarded task=%s", task_id)
-        self._dispatch(now)
         return None
+
+    def _complete(
+        self,
+        client: ClientRef,
+        task_id: str,
+        result_url: str,
+        now: float,
+        replayed: bool,
+    ) -> None:
+        held = self._take_report(client, task_id, "TASK_COMPLETED", now, replayed)
+        if held is None:
+            return
+        worker, task = held
+        worker.completed += 1
+        worker.total_bytes += task.spec.size
+        self._release_worker(worker, now)
+        logger.info(
+            "task completed task=%s worker=%s attempt=%d",
+            task_id,
+            worker.id,
+            task.attempts,
+        )
+        self._end_task(task, now, result_url=result_url)
+
+    def _fail(
+        self, client: ClientRef, task_id: str, error: str, now: float, replayed: bool
+    ) -> None:
+        held = self._take_report(client, task_id, "TASK_FAILED", now, replayed)
+        if held is None:
+            return
+        worker, task = held
+        worker.failed += 1
+        self._release_worker(worker, now)
+        self._end_attempt(task, error, now)
+
+    def _apply_claimed_report(
+        self, client: ClientRef, report: dict[str, Any], now: float
+    ) -> None:
+        # A report the bridge kept because the core may not have it: applied
+        # if the worker still holds that task, else it is old news, ignored.
+        task_id = str(report.get("taskId"))
+        try:
+            if report.get("type") == "TASK_COMPLETED":
+                url = str(report.get("resultUrl", ""))
+                self._complete(client, task_id, url, now, replayed=True)
+            elif report.get("type") == "TASK_FAILED":
+                error = str(report.get("error", "upload failed"))
+                self._fail(client, task_id, error, now, replayed=True)
+        except LinkupError as exc:
+            logger.debug("- claimed report ignored client=%s: %s", client[1], exc)
 
     # Internals: moving tasks.
 

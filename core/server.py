@@ -259,9 +259,6 @@ class CoreServer:
         match envelope.command:
             case Command.HEARTBEAT:
                 pass
-            case Command.CLIENT_MESSAGE if envelope.header.get("replay"):
-                client = (routing_id, int(envelope.header["client"]))
-                self._replay_report(client, envelope.header["message"], now)
             case Command.CLIENT_MESSAGE:
                 client = (routing_id, int(envelope.header["client"]))
                 self._on_client_message(client, envelope, now)
@@ -304,15 +301,16 @@ class CoreServer:
             )
         claims = [
             ClientClaim(
-                int(c["client"]), c.get("holds"), c.get("report"), c.get("results", {})
+                int(c["client"]),
+                c.get("holds"),
+                c.get("report"),
+                c.get("results", {}),
+                tuple(c.get("sessions", ())),
             )
             for c in header.get("clients", ())
         ]
         self._bridges[routing_id] = _Bridge(routing_id, instance, join, now, now)
         known_clients = self.scheduler.bridge_joined(routing_id, claims, now)
-        for claim in claims:
-            if claim.report is not None:
-                self._replay_report((routing_id, claim.conn), claim.report, now)
         logger.info(
             "bridge joined bridge=%s clients=%d known=%d",
             instance,
@@ -332,28 +330,6 @@ class CoreServer:
                 "known": known_clients,
             },
         )
-
-    def _replay_report(
-        self, client: ClientRef, report: dict[str, Any], now: float
-    ) -> None:
-        # A report the bridge kept because the core may not have it: applied
-        # if it is still news, else ignored without a word to the worker.
-        try:
-            match report.get("type"):
-                case "TASK_COMPLETED":
-                    self.scheduler.complete_task(
-                        client,
-                        report["taskId"],
-                        report["resultUrl"],
-                        now,
-                        replayed=True,
-                    )
-                case "TASK_FAILED":
-                    self.scheduler.fail_task(
-                        client, report["taskId"], report["error"], now, replayed=True
-                    )
-        except (LinkupError, KeyError) as exc:
-            logger.debug("- replayed report ignored client=%s: %s", client[1], exc)
 
     def _on_client_message(
         self, client: ClientRef, envelope: wire.Envelope, now: float

@@ -3036,16 +3036,17 @@ def test_restored_assignment_that_never_arrived_is_sent_again(stopped: Stopped) 
     assert send.payload_key == "spool-f2.jpg"
 
 
-def test_report_replayed_after_restore_is_applied_once(stopped: Stopped) -> None:
+def test_report_in_a_claim_is_applied_once_by_bridge_joined(stopped: Stopped) -> None:
     b = restart(stopped.store, 100.0)
     f3 = stopped.tasks[3]
     report = {"type": "TASK_COMPLETED", "taskId": f3, "resultUrl": "url-3"}
+
     b.bridge_joined(BRIDGE, [ClientClaim(1), ClientClaim(12, report=report)], 100.0)
-    assert assigned(b.messages_to_send(), W2) == []
 
-    b.complete_task(W2, f3, "url-3", 100.0, replayed=True)
-    assert one(sent(b.messages_to_send(), "TASK_COMPLETED", MASTER))["taskId"] == f3
-
+    out = b.messages_to_send()
+    completed = [m for m in sent(out, "TASK_COMPLETED", MASTER) if m["taskId"] == f3]
+    assert [m["resultUrl"] for m in completed] == ["url-3"]
+    assert f3 not in assigned(out, W2)
     assert_refused(b, TaskNotHeld, _replay("completed", b), W2, f3, 101.0)
     assert b.counters.reports_refused == 0
 

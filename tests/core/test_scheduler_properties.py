@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, note, settings, strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
     initialize,
@@ -81,13 +81,15 @@ def _quiet_scheduler() -> Iterator[None]:
     logger.setLevel(level)
 
 
-def new_scheduler(prefix: str, task_timeout: float | None) -> Scheduler:
+def new_scheduler(
+    prefix: str, task_timeout: float | None, resume_grace: float = RESUME_GRACE
+) -> Scheduler:
     return Scheduler(
         prefix,
         max_attempts=MAX_ATTEMPTS,
         worker_timeout=WORKER_TIMEOUT,
         task_timeout=task_timeout,
-        resume_grace=RESUME_GRACE,
+        resume_grace=resume_grace,
         retention=RETENTION,
     )
 
@@ -110,9 +112,13 @@ class Client:
     #: (a TASK_CANCELLED does not free it). Also Continuity.holds.
     holds: str | None = None
     told_cancelled: bool = False
-    #: Continuity.report and Continuity.report_unsent.
+    #: Continuity.report: the last report, until the next TASK_ASSIGNED.
     report: dict[str, Any] | None = None
-    unsent: bool = False
+    #: The report was kept by the bridge while the core was away and has not
+    #: been claimed since.
+    kept: bool = False
+    #: Continuity.sessions: the sessions the connection was made master of.
+    sessions: list[str] = field(default_factory=list)
     #: Continuity.results: per session, how many of its outcomes (by index
     #: in Session.results) reached this connection.
     results: dict[str, int] = field(default_factory=dict)
@@ -162,6 +168,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.s: Scheduler | None = None
         self.started = False
         self.task_timeout: float | None = None
+        self.resume_grace = RESUME_GRACE
         self.store = SqliteStore(":memory:")
         self.now = 0.0
         self.core_up = True
@@ -190,22 +197,7 @@ class SchedulerMachine(RuleBasedStateMachine):
     def flush(self) -> None:
         """What CoreServer._flush does, then CLIENT_GONE for closed clients."""
         while True:
-            changes = self.sched.take_changes()
-            for task_id, task in changes.tasks.items():
-                if task is None:
-                    self.deleted_tasks.add(task_id)
-                    continue
-                assert task_id not in self.deleted_tasks, (
-                    f"task {task_id} stored again after it was deleted: {task}"
-                )
-                assert task.attempts <= MAX_ATTEMPTS, (
-                    f"task {task.id} stored with {task.attempts} attempts"
-                )
-                assert task.spec.payload_key not in self.freed, (
-                    f"task {task.id} stored after its payload was freed"
-                )
-            self.freed.update(changes.freed_payloads)
-            self.store.save(changes)
+            self.store_changes()
             for item in self.sched.messages_to_send():
                 self.deliver(item)
             gone, self.gone_queue = self.gone_queue, []
@@ -214,6 +206,25 @@ class SchedulerMachine(RuleBasedStateMachine):
             for ref in gone:
                 # The bridge tells the core about every closed connection.
                 self.sched.client_gone(ref, self.now)
+
+    def store_changes(self) -> None:
+        """Write the turn's changes, checking what is written."""
+        changes = self.sched.take_changes()
+        for task_id, task in changes.tasks.items():
+            if task is None:
+                self.deleted_tasks.add(task_id)
+                continue
+            assert task_id not in self.deleted_tasks, (
+                f"task {task_id} stored again after it was deleted: {task}"
+            )
+            assert task.attempts <= MAX_ATTEMPTS, (
+                f"task {task.id} stored with {task.attempts} attempts"
+            )
+            assert task.spec.payload_key not in self.freed, (
+                f"task {task.id} stored after its payload was freed"
+            )
+        self.freed.update(changes.freed_payloads)
+        self.store.save(changes)
 
     def call(
         self,
@@ -232,18 +243,22 @@ class SchedulerMachine(RuleBasedStateMachine):
         """
         s = self.sched
         s.seen(ref, self.now)
-        before = s.statistics()
+        before = (s.statistics(), repr(s), s.next_deadline())
+        refusal: LinkupError | None = None
         try:
             result = fn()
         except LinkupError as exc:
-            assert expect != "ok", f"refused unexpectedly: {exc!r}"
-            assert isinstance(exc, errors), f"refused with {exc!r}, not {errors}"
-            assert not s.take_changes(), f"{exc!r} changed the state"
-            assert s.messages_to_send() == [], f"{exc!r} queued output"
-            assert s.statistics() == before, f"{exc!r} changed the statistics"
-            return False, exc
-        assert expect != "refuse", f"accepted, should be refused: {fn}"
-        return True, result
+            refusal = exc
+        if refusal is None:
+            assert expect != "refuse", f"accepted, should be refused: {fn}"
+            return True, result
+        assert expect != "ok", f"refused unexpectedly: {refusal!r}"
+        assert isinstance(refusal, errors), f"refused with {refusal!r}, not {errors}"
+        assert not s.take_changes(), f"{refusal!r} changed the state"
+        assert s.messages_to_send() == [], f"{refusal!r} queued output"
+        after = (s.statistics(), repr(s), s.next_deadline())
+        assert after == before, f"{refusal!r} changed {before} to {after}"
+        return False, refusal
 
     # Delivery to the clients.
 
@@ -293,11 +308,13 @@ class SchedulerMachine(RuleBasedStateMachine):
             client.role, client.has_role = "master", True
             assert message["sessionId"] not in self.sessions
             self.sessions[message["sessionId"]] = SessionView(message["sessionId"], ref)
+            client.sessions.append(message["sessionId"])
         elif kind == "SESSION_RESUMED":
             assert client.role in (None, "master")
             client.role, client.has_role = "master", True
             session = self.sessions[message["sessionId"]]
             session.owner, session.gone = ref, False
+            client.sessions.append(message["sessionId"])
         elif kind == "TASKS_SUBMITTED":
             session = self.sessions[message["sessionId"]]
             assert session.owner == ref
@@ -340,7 +357,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert task_id not in session.ended_tasks(), f"ended {task_id} assigned"
         assert session.end is None, f"{task_id} of a closed session assigned"
         client.holds, client.told_cancelled = task_id, False
-        client.report, client.unsent = None, False
+        client.report, client.kept = None, False
 
     def on_outcome(
         self, client: Client, message: dict[str, Any], result: tuple[str, int]
@@ -445,10 +462,14 @@ class SchedulerMachine(RuleBasedStateMachine):
 
     # Set-up.
 
-    @initialize(task_timeout=st.sampled_from([5.0, None]))
-    def setup(self, task_timeout: float | None) -> None:
+    @initialize(
+        task_timeout=st.sampled_from([5.0, None]),
+        resume_grace=st.sampled_from([RESUME_GRACE, 0.0]),
+    )
+    def setup(self, task_timeout: float | None, resume_grace: float) -> None:
         self.task_timeout = task_timeout
-        self.s = new_scheduler("c0", task_timeout)
+        self.resume_grace = resume_grace
+        self.s = new_scheduler("c0", task_timeout, resume_grace)
         self.started = True
 
     # Workers.
@@ -492,7 +513,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.call(ref, fn, expect="ok")
         # The worker is free from its own point of view; what comes next in
         # this turn may be its next task.
-        client.holds, client.report, client.unsent = None, report, False
+        client.holds, client.report, client.kept = None, report, False
 
     @precondition(lambda self: self.holders())
     @rule(
@@ -533,7 +554,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             ref
             for ref in self.live("worker")
             if (report := self.clients[ref].report) is not None
-            and not self.clients[ref].unsent
+            and not self.clients[ref].kept
             and self.clients[ref].holds != report["taskId"]
         ]
 
@@ -611,7 +632,15 @@ class SchedulerMachine(RuleBasedStateMachine):
         session_id = self.draw_session(data, ref)
         self.submit_to(ref, session_id, count, bad=bad_size == 0 and count > 0)
 
-    def submit_to(self, ref: ClientRef, session_id: str, count: int, bad: bool) -> None:
+    def submit_to(
+        self,
+        ref: ClientRef,
+        session_id: str,
+        count: int,
+        bad: bool,
+        *,
+        flush: bool = True,
+    ) -> None:
         session = self.sessions[session_id]
         specs = []
         for index in range(count):
@@ -637,6 +666,8 @@ class SchedulerMachine(RuleBasedStateMachine):
             self.task_session[task_id] = session_id
             self.task_payload[task_id] = spec.payload_key
         session.tasks.extend(task_ids)
+        if not flush:
+            return
         self.flush()
         submitted = [
             m
@@ -783,6 +814,23 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.sched.bridge_gone(bridge, self.now)
         self.flush()
 
+    def cut_off_clients(self) -> list[ClientRef]:
+        return sorted(
+            c.ref
+            for c in self.clients.values()
+            if c.connected and c.role and c.ref[0] not in self.linked
+        )
+
+    @precondition(lambda self: self.cut_off_clients())
+    @rule(data=st.data())
+    def disconnect_while_cut_off(self, data: st.DataObject) -> None:
+        """A connection closes while its bridge has no link: no CLIENT_GONE."""
+        client = self.clients[data.draw(st.sampled_from(self.cut_off_clients()))]
+        client.connected = False
+        for session in self.sessions.values():
+            if session.owner == client.ref:
+                session.owner = None
+
     @precondition(lambda self: self.cut_off_holders())
     @rule(data=st.data(), completed=st.booleans())
     def report_while_cut_off(self, data: st.DataObject, completed: bool) -> None:
@@ -798,7 +846,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             report = {"type": "TASK_COMPLETED", "taskId": task_id, "resultUrl": "u"}
         else:
             report = {"type": "TASK_FAILED", "taskId": task_id, "error": "offline"}
-        client.holds, client.report, client.unsent = None, report, True
+        client.holds, client.report, client.kept = None, report, True
 
     @precondition(lambda self: self.core_up and len(self.linked) < len(BRIDGES))
     @rule(data=st.data(), with_reports=st.booleans())
@@ -822,13 +870,14 @@ class SchedulerMachine(RuleBasedStateMachine):
                 holds=c.holds,
                 report=c.report if with_reports else None,
                 results=dict(c.results),
+                sessions=tuple(c.sessions),
             )
             for c in clients
         ]
         known = s.bridge_joined(bridge, claims, self.now)
-        for claim in claims:
-            if claim.report is not None:
-                self.replay_report((bridge, claim.conn), claim.report)
+        for client in clients:
+            if with_reports and client.report is not None:
+                client.kept = False
         # WELCOME goes out before the turn's DELIVERs: the bridge closes
         # connections with a role that the core does not know.
         self.linked.add(bridge)
@@ -839,53 +888,88 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.replaying = True
         self.flush()
         self.replaying = False
-        for client in clients:
-            if client.connected and client.unsent and client.report is not None:
-                client.unsent = False
-                self.replay_report(client.ref, client.report)
-                self.flush()
 
-    def replay_report(self, ref: ClientRef, report: dict[str, Any]) -> None:
-        # CoreServer._replay_report: refused replays are ignored.
-        s = self.sched
-        try:
-            if report["type"] == "TASK_COMPLETED":
-                s.complete_task(
-                    ref, report["taskId"], report["resultUrl"], self.now, replayed=True
-                )
-            else:
-                s.fail_task(
-                    ref, report["taskId"], report["error"], self.now, replayed=True
-                )
-        except LinkupError:
-            pass
+    @rule(
+        dt=st.sampled_from([0.25, 1.0, 2.0, 3.5, 6.0, 12.0]),
+        silent=st.booleans(),
+    )
+    def advance(self, dt: float, silent: bool) -> None:
+        """
+        Time passes: ``tick``. Unless ``silent``, every worker sends its
+        WORKER_HEARTBEAT every second meanwhile, as live plugins do.
 
-    @rule(dt=st.sampled_from([0.25, 1.0, 2.0, 3.5, 6.0, 12.0]))
-    def advance(self, dt: float) -> None:
-        self.now += dt
+        """
+        end = self.now + dt
+        while not silent and self.now + 1.0 < end:
+            self.now += 1.0
+            for ref in self.live("worker"):
+                self.call(
+                    ref, lambda r=ref: self.sched.heartbeat(r, self.now), expect="ok"
+                )
+            self.sched.tick(self.now)
+            self.flush()
+        self.now = end
         self.sched.tick(self.now)
         self.flush()
 
+    @precondition(lambda self: self.clients)
     @rule(
         data=st.data(),
-        down_for=st.sampled_from([0.0, 1.0, 4.0, 12.0]),
+        crash=st.sampled_from(["between turns", "report", "tick", "submit"]),
+        down_for=st.sampled_from([0.0, 1.0, 12.0]),
         joining=st.sampled_from([BRIDGES, BRIDGES[:1], BRIDGES[1:]]),
         with_reports=st.booleans(),
     )
     def restart(
         self,
         data: st.DataObject,
+        crash: str,
         down_for: float,
         joining: tuple[bytes, ...],
         with_reports: bool,
     ) -> None:
         """
-        The core stops (everything was stored and delivered at the end of the
-        last step) and starts again from the store. Meanwhile busy workers may
-        report, which their bridge keeps; the bridges in ``joining`` say HELLO
-        at once, the others later (bridge_joins).
+        The core stops and starts again from the store.
+
+        It stops between turns (all stored and delivered), or right after
+        storing the changes of an input (a worker's report, a tick, a
+        submission) and before sending its messages: the one crash point the
+        store's ordering allows. While it is down, busy workers may report,
+        which their bridge keeps; the bridges in ``joining`` say HELLO at
+        once, the others later (bridge_joins).
 
         """
+        if crash == "report" and self.holders():
+            ref = data.draw(st.sampled_from(self.holders()))
+            self.report(ref, data.draw(st.sampled_from(["complete", "fail"])))
+        elif crash == "submit" and self.own_open_sessions():
+            ref, session_id = data.draw(st.sampled_from(self.own_open_sessions()))
+            count = data.draw(st.integers(1, 3))
+            self.submit_to(ref, session_id, count, bad=False, flush=False)
+        elif crash != "between turns":
+            self.now += data.draw(st.sampled_from([1.0, 3.5, 6.0, 12.0]))
+            self.sched.tick(self.now)
+        self.store_changes()
+        lost = self.sched.messages_to_send()
+        self.gone_queue.clear()
+        if lost:
+            note(f"lost with the core: {lost}")
+        self.stop_and_start(data, down_for, joining, with_reports)
+
+    def own_open_sessions(self) -> list[tuple[ClientRef, str]]:
+        return sorted(
+            (session.owner, session.id)
+            for session in self.sessions.values()
+            if session.owner in self.live("master") and session.end is None
+        )
+
+    def stop_and_start(
+        self,
+        data: st.DataObject,
+        down_for: float,
+        joining: tuple[bytes, ...],
+        with_reports: bool,
+    ) -> None:
         self.core_up = False
         self.linked.clear()
         self.s = None
@@ -902,7 +986,9 @@ class SchedulerMachine(RuleBasedStateMachine):
         for task in snapshot.tasks:
             assert task.attempts <= MAX_ATTEMPTS, f"restored {task}"
         self.restarts += 1
-        self.s = new_scheduler(f"r{self.restarts}", self.task_timeout)
+        self.s = new_scheduler(
+            f"r{self.restarts}", self.task_timeout, self.resume_grace
+        )
         self.core_up = True
         self.s.restore(snapshot.sessions, snapshot.tasks, snapshot.workers, self.now)
         self.flush()
@@ -992,6 +1078,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             quiet = quiet + 1 if idle else 0
             if quiet >= 3:
                 break
+        assert quiet >= 3, f"the scheduler never went idle: {stats}"
         for session in self.sessions.values():
             owner = self.clients[session.owner] if session.owner else None
             if owner is None or not owner.connected or session.gone:
@@ -1075,4 +1162,81 @@ def test_every_task_ends_once_within_its_attempts(
 
 # Regression tests for what the state machine found.
 
-pytest  # noqa: B018  (used by the regression tests below)
+
+def _turn(s: Scheduler, store: SqliteStore) -> list[Send]:
+    """Store the changes, return the Sends: what the shell does after an input."""
+    store.save(s.take_changes())
+    return [item for item in s.messages_to_send() if isinstance(item, Send)]
+
+
+def _restart(store: SqliteStore, prefix: str, now: float) -> Scheduler:
+    snapshot = store.load()
+    s = new_scheduler(prefix, None)
+    s.restore(snapshot.sessions, snapshot.tasks, snapshot.workers, now)
+    _turn(s, store)
+    return s
+
+
+def test_a_report_replayed_in_a_claim_does_not_end_a_newer_attempt() -> None:
+    # A worker fails a task while rate-limited, so the task is not handed
+    # straight back to it and the bridge keeps the report in its claim (until
+    # the next TASK_ASSIGNED). The core restarts: bridge_joined dispatches the
+    # task to that worker again (attempt 2) *before* CoreServer._on_hello
+    # replays the claim's report, which then fails attempt 2 as well. The
+    # worker gets the same task twice while busy, and an attempt it never
+    # made is used up (with max_attempts=2 the master would get TASK_FAILED).
+    store = SqliteStore(":memory:")
+    s = new_scheduler("c0", None)
+    master, worker = (b"A", 1), (b"A", 2)
+    session_id = s.create_session(master, 0.0)
+    s.register_worker(worker, 0.0)
+    spec = TaskSpec("f.png", "image/png", 1, "k1", 1)
+    [task_id] = s.submit_tasks(master, session_id, [spec], 0.0)
+    _turn(s, store)
+    s.report_waiting(worker, task_id, 5.0, 0.0, 0.0)
+    s.fail_task(worker, task_id, "quota", 0.0)
+    _turn(s, store)
+    report = {"type": "TASK_FAILED", "taskId": task_id, "error": "quota"}
+
+    s = _restart(store, "r1", 1.0)
+    claims = [
+        ClientClaim(1, sessions=(session_id,)),
+        ClientClaim(2, holds=None, report=report),
+    ]
+    s.bridge_joined(b"A", claims, 1.0)
+    sends = _turn(s, store)
+
+    assigned = [m.message for m in sends if m.message["type"] == "TASK_ASSIGNED"]
+    assert len(assigned) == 1, f"the worker got {task_id} {len(assigned)} times"
+    [stored] = [t for t in store.load().tasks if t.id == task_id]
+    assert stored.attempts == 2
+
+
+def test_a_kept_master_hears_of_a_session_dropped_meanwhile() -> None:
+    # A master has an ended session (kept for `retention`) and an open one.
+    # Its bridge loses the link for longer than resume_grace: the open
+    # session is dropped. The bridge joins again and claims the connection;
+    # the core keeps it (it still has the ended session), so the plugin stays
+    # connected, but nothing tells it that its open session and its files are
+    # gone: it waits for their outcomes for ever.
+    s = new_scheduler("t", None)
+    master = (b"A", 1)
+    ended_id = s.create_session(master, 0.0)
+    s.cancel_session(master, ended_id, 0.0)
+    open_id = s.create_session(master, 0.0)
+    s.submit_tasks(master, open_id, [TaskSpec("f.png", "image/png", 1, "k", 1)], 0.0)
+    s.messages_to_send()
+
+    s.bridge_gone(b"A", 1.0)
+    s.tick(1.0 + RESUME_GRACE + 1.0)
+    claim = ClientClaim(1, results={ended_id: 1}, sessions=(ended_id, open_id))
+    known = s.bridge_joined(b"A", [claim], 6.0)
+    told = [
+        item.message
+        for item in s.messages_to_send()
+        if isinstance(item, Send) and item.client == master
+    ]
+
+    assert 1 not in known or any(
+        m.get("sessionId") == open_id or m["type"] == "ERROR" for m in told
+    ), f"master kept ({known}) and told only {told}"
