@@ -445,19 +445,19 @@ class Bridge:
             if not future.done():
                 future.set_exception(Unavailable(f"linkup core lost: {reason}"))
 
-        # A request the core may never have received is answered with an
-        # error rather than left waiting.
+        # A request the core may never have received is not left waiting. A
+        # plugin waits for WORKER_REGISTERED or SESSION_CREATED before it does
+        # anything and ignores ERROR: it is closed, so that it starts over.
         for client in self._clients.values():
             awaiting = client.continuity.awaiting
-            if awaiting is not None:
-                client.continuity.awaiting = None
-                self._refuse(
-                    client,
-                    Unavailable(
-                        f"linkup core stopped before answering {awaiting}; "
-                        "send it again"
-                    ),
-                )
+            if awaiting is None:
+                continue
+            client.continuity.awaiting = None
+            reason = f"linkup core stopped before answering {awaiting}"
+            if awaiting in ("WORKER_REGISTER", "CREATE_SESSION"):
+                self._close(client, CLOSE_CORE_LOST, reason)
+            else:
+                self._refuse(client, Unavailable(f"{reason}; send it again"))
 
         # Clients stay connected for a while, so that a restarted core can
         # take them back; after that they are closed and reconnect.
