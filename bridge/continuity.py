@@ -59,6 +59,12 @@ class Continuity:
             self.keep_report(header)
         elif message_type in _ANSWERS:
             self.awaiting = message_type
+        if message_type == "RESUME_SESSION":
+            # The client has the first `after` outcomes already: a restarted
+            # core must not send them again.
+            session_id = header["sessionId"]
+            count = max(self.results.get(session_id, 0), header.get("after", 0))
+            self.results[session_id] = count
 
     def keep_report(self, header: dict[str, Any]) -> None:
         self.report = header
