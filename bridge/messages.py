@@ -33,14 +33,17 @@ __all__ = [
     "parse_cut_message",
 ]
 
-NonNegative = Annotated[int, msgspec.Meta(ge=0)]
+# The plugin is JavaScript, whose integers are exact up to 2**53 - 1; the
+# bound also keeps every count the core stores within SQLite's 64 bits.
+MAX_SAFE_INTEGER = 2**53 - 1
+Count = Annotated[int, msgspec.Meta(ge=0, le=MAX_SAFE_INTEGER)]
 
 
 class _PluginTask(msgspec.Struct):
     filename: str
     mimeType: str
     dataBase64: str
-    size: NonNegative
+    size: Count
 
 
 class _SubmitTasks(msgspec.Struct):
@@ -87,7 +90,7 @@ class _TaskRef(msgspec.Struct):
 class _ResumeSession(msgspec.Struct):
     sessionId: str
     #: How many of the session's results the client already has.
-    after: NonNegative = 0
+    after: Count = 0
 
 
 # Every type a client may send, with the schema its fields must match.

@@ -125,6 +125,9 @@ class Bridge:
         self._numbers = itertools.count(1)
         self._stats_requests: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._close_timer: asyncio.TimerHandle | None = None
+        #: Workers that reported while the core was away and then left: their
+        #: reports still go to the core in the claims, marked gone.
+        self._departed: dict[int, Continuity] = {}
         self._request_numbers = itertools.count(1)
 
         self.registry = CollectorRegistry()
@@ -260,6 +263,8 @@ class Bridge:
             except Unavailable:
                 # The core hears of it from the claims when it is back.
                 if client.continuity.has_role:
+                    if client.continuity.report is not None:
+                        self._departed[client.number] = client.continuity
                     self.link.claims_changed()
             logger.info("client disconnected client=%d", client.number)
 
@@ -318,6 +323,10 @@ class Bridge:
             self.link.claims_changed()
         elif inbound.type in ("WORKER_HEARTBEAT", "TASK_WAITING"):
             logger.debug("- %s dropped while the core is away", inbound.type)
+        elif inbound.type in ("WORKER_REGISTER", "CREATE_SESSION"):
+            # A plugin waits for the answer before anything else and ignores
+            # ERROR: closed, it reconnects in 5 s and asks again.
+            self._close(client, CLOSE_TRY_AGAIN_LATER, f"{error}")
         else:
             self._refuse(client, error)
 
@@ -421,16 +430,22 @@ class Bridge:
                 logger.warning("unexpected command from core %s", envelope.command.name)
 
     def client_claims(self) -> list[dict[str, Any]]:
-        return [
+        claims = [
             client.continuity.claim(number)
             for number, client in self._clients.items()
             if client.continuity.has_role
         ]
+        claims.extend(
+            {**continuity.claim(number), "gone": True}
+            for number, continuity in self._departed.items()
+        )
+        return claims
 
     def on_link_up(self, known: list[int], core_restarted: bool) -> None:
         if self._close_timer is not None:
             self._close_timer.cancel()
             self._close_timer = None
+        self._departed.clear()
 
         # A connection with a role the core no longer has (a core without a
         # data dir restarted, or it gave this bridge up) must start over.

@@ -11,6 +11,7 @@ import secrets
 import signal
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from types import FrameType
 
@@ -31,7 +32,13 @@ from core.server import (
     CoreServer,
 )
 from core.spool import Spool
-from core.store import StorageError, Store, open_data_dir, open_memory
+from core.store import (
+    StorageError,
+    Store,
+    check_room_for,
+    open_data_dir,
+    open_memory,
+)
 from linkup import __version__
 from linkup.logs import add_log_level_option, configure_logging
 from linkup.memory import return_large_buffers_promptly
@@ -74,7 +81,7 @@ def add_storage_options(parser: argparse.ArgumentParser, data_dir: Path | None) 
     storage = parser.add_mutually_exclusive_group()
     storage.add_argument(
         "--data-dir",
-        type=Path,
+        type=directory_path,
         default=data_dir,
         metavar="DIR",
         help="keep the task queue and the queued files here; survives "
@@ -223,6 +230,12 @@ def positive_float(text: str) -> float:
     return value
 
 
+def directory_path(text: str) -> Path:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return Path(text)
+
+
 def non_negative_float(text: str) -> float:
     try:
         value = float(text)
@@ -304,6 +317,11 @@ def main(argv: list[str] | None = None) -> int:
             store,
             spool,
             instance=instance,
+            check_room=None
+            if args.memory
+            else partial(
+                check_room_for, args.data_dir, min_free_bytes=args.min_free_space
+            ),
             heartbeat_interval=args.heartbeat_interval,
             link_timeout=args.link_timeout,
         )

@@ -104,7 +104,7 @@ class SessionClosed(InvalidState):
 
     def __init__(self, session_id: str) -> None:
         super().__init__(
-            f"session {session_id!r} has already completed; create a new session"
+            f"session {session_id!r} has ended; create a new session"
         )
         self.session_id = session_id
 

@@ -165,6 +165,8 @@ class ClientClaim:
         results: For each session whose outcomes the connection received,
             how many it received; the core sends it the rest.
         sessions: The sessions the connection was told it is the master of.
+        gone: The connection closed while the core was away; only its report
+            is news.
 
     """
 
@@ -173,6 +175,7 @@ class ClientClaim:
     report: dict[str, Any] | None = None
     results: dict[str, int] = field(default_factory=dict)
     sessions: tuple[str, ...] = ()
+    gone: bool = False
 
 
 @dataclass(slots=True)

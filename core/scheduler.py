@@ -85,6 +85,10 @@ STATS_PUSH_INTERVAL = 0.25
 
 _NEVER = float("inf")
 
+# JavaScript's largest exact integer: plugins cannot mean more, and the sums
+# of sizes the core keeps stay within SQLite's 64-bit integers.
+MAX_SIZE = 2**53 - 1
+
 
 @dataclass(slots=True)
 class Counters:
@@ -429,8 +433,8 @@ class Scheduler:
         """
         session = self._own_session(client, session_id)
         for index, spec in enumerate(specs):
-            if spec.size < 0:
-                raise InvalidField(f"tasks[{index}].size must not be negative")
+            if not 0 <= spec.size <= MAX_SIZE:
+                raise InvalidField(f"tasks[{index}].size must be 0 to {MAX_SIZE}")
 
         task_ids = []
         for spec in specs:
@@ -654,6 +658,8 @@ class Scheduler:
         for claim in sorted(by_conn.values(), key=lambda c: c.conn):
             if claim.report is not None:
                 self._apply_claimed_report((bridge, claim.conn), claim.report, now)
+            if claim.gone:
+                self._forget_client((bridge, claim.conn), "worker disconnected", now)
 
         self._dispatch(now)
         return self.known_clients(bridge)

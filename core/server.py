@@ -95,6 +95,8 @@ class CoreServer:
         spool: Where submitted files are kept until their task ends.
         instance: This run's id, announced to bridges so that they notice a
             restart; random by default.
+        check_room: Called with the size of a batch before it is spooled;
+            raises StorageError if the disk has no room for it.
         heartbeat_interval: Seconds between heartbeats to each bridge.
         link_timeout: Seconds of silence after which a bridge is lost.
         clock: Monotonic clock, in seconds.
@@ -110,6 +112,7 @@ class CoreServer:
         spool: Spool,
         *,
         instance: str | None = None,
+        check_room: Callable[[int], None] | None = None,
         heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
         link_timeout: float = DEFAULT_LINK_TIMEOUT,
         clock: Callable[[], float] = time.monotonic,
@@ -117,6 +120,7 @@ class CoreServer:
         self.scheduler = scheduler
         self.store = store
         self.spool = spool
+        self._check_room = check_room
         self.heartbeat_interval = heartbeat_interval
         self.link_timeout = link_timeout
         self.instance = instance or secrets.token_hex(3)
@@ -306,6 +310,7 @@ class CoreServer:
                 c.get("report"),
                 c.get("results", {}),
                 tuple(c.get("sessions", ())),
+                bool(c.get("gone", False)),
             )
             for c in header.get("clients", ())
         ]
@@ -418,6 +423,8 @@ class CoreServer:
             )
         keys: list[str] = []
         try:
+            if self._check_room is not None:
+                self._check_room(sum(len(payload) for payload in payloads))
             for payload in payloads:
                 keys.append(self.spool.put(payload))
                 # Writing a large batch takes a while: bridges must not take

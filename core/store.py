@@ -604,7 +604,8 @@ def _worker_row(worker: Worker) -> tuple[Any, ...]:
         worker.released,
         worker.completed,
         worker.failed,
-        worker.total_bytes,
+        # A sum of declared sizes: bounded so that it always fits SQLite.
+        min(worker.total_bytes, 2**63 - 1),
     )
 
 
@@ -763,6 +764,26 @@ def check_free_space(path: Path, min_free_bytes: int) -> None:
         raise StorageFull(
             f"only {_mib(free)} MiB free in {path}; linkup-core needs at least "
             f"{_mib(min_free_bytes)} MiB (--min-free-space)"
+        )
+
+
+def check_room_for(path: Path, incoming: int, min_free_bytes: int) -> None:
+    """
+    Raise StorageFull unless ``incoming`` more bytes leave ``min_free_bytes``
+    free: the core's own queue must never fill the disk it needs to run.
+
+    """
+    try:
+        stats = os.statvfs(path)
+    except OSError as error:
+        raise storage_error(f"cannot check free space in {path}", error) from error
+
+    free = stats.f_bavail * stats.f_frsize
+    if free - incoming < min_free_bytes:
+        raise StorageFull(
+            f"disk nearly full: {_mib(free)} MiB free in {path}, the files need "
+            f"{_mib(incoming)} MiB and --min-free-space keeps "
+            f"{_mib(min_free_bytes)} MiB free"
         )
 
 

@@ -244,6 +244,11 @@ def test_unknown_type(message_type: str) -> None:
         ({"type": "SUBMIT_TASKS", "sessionId": "s", "tasks": {}}, "tasks"),
         ({"type": "SUBMIT_TASKS", "sessionId": "s", "tasks": [1]}, "tasks[0]"),
         (submit(plugin_task(size=-1)), "tasks[0].size"),
+        # Beyond JavaScript's exact integers, and what SQLite can store.
+        (submit(plugin_task(size=2**53)), "tasks[0].size"),
+        (submit(plugin_task(size=2**63)), "tasks[0].size"),
+        ({"type": "RESUME_SESSION", "sessionId": "s", "after": -1}, "after"),
+        ({"type": "RESUME_SESSION", "sessionId": "s", "after": 2**53}, "after"),
         (submit(plugin_task(size=True)), "tasks[0].size"),
         (submit(plugin_task(size=False)), "tasks[0].size"),
         (submit(plugin_task(size=1.5)), "tasks[0].size"),

@@ -628,11 +628,14 @@ def test_submit_to_a_finished_session_is_session_closed(sched: Scheduler) -> Non
     assert error.code == "session_closed"
 
 
-def test_submit_with_a_negative_size_is_refused_whole(sched: Scheduler) -> None:
+@pytest.mark.parametrize("size", [-1, 2**53])
+def test_submit_with_a_size_out_of_range_is_refused_whole(
+    sched: Scheduler, size: int
+) -> None:
     """One bad size refuses the batch: none of its tasks is queued."""
     add_worker(sched, W1)
     session_id = add_session(sched)
-    batch = [spec("a.jpg", 1), spec("b.jpg", -1), spec("c.jpg", 3)]
+    batch = [spec("a.jpg", 1), spec("b.jpg", size), spec("c.jpg", 3)]
     error = assert_refused(
         sched, InvalidField, sched.submit_tasks, MASTER, session_id, batch, 1.0
     )

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from websockets.exceptions import ConnectionClosed
 
 from tests.e2e.harness import (
     TIMEOUT,
@@ -557,3 +558,112 @@ async def test_a_core_that_cannot_store_a_file_refuses_it_and_carries_on(
     assert sorted(p.name for p in spool.iterdir()) == []
     assert core.alive()
     assert bridge.alive()
+
+
+async def test_a_report_of_a_worker_that_left_while_the_core_was_away_counts(
+    deployment,
+):
+    """
+    A worker reports while the core is down, then disconnects before it is
+    back: its report still reaches the restarted core, once, so the file is
+    neither lost nor uploaded again.
+    """
+    core, endpoint = deployment.core(*FAST_LINK, "--max-attempts", "1")
+    bridge, port = deployment.bridge(endpoint, *FAST_LINK)
+    url = f"ws://127.0.0.1:{port}"
+    worker, _ = await register_worker(url)
+    master, session_id, _ = await create_session(url)
+    files = _files("departed", 1, seed=5)
+    await _submit(master, session_id, files)
+    task = (await worker.expect("TASK_ASSIGNED"))["task"]
+
+    core.kill9()
+    await asyncio.to_thread(bridge.wait_for_log, "lost the core", NOTICE_WITHIN)
+    await _complete(worker, task)
+    await asyncio.to_thread(bridge.wait_for_log, "report kept", NOTICE_WITHIN)
+    await worker.close()
+    await asyncio.to_thread(bridge.wait_for_log, "client disconnected", NOTICE_WITHIN)
+    deployment.core(*FAST_LINK, "--max-attempts", "1", endpoint=endpoint)
+
+    results, finished = await collect_results(master)
+    _check_every_file_once(results, files)
+    assert finished["stats"] == {"completed": 1, "failed": 0, "total": 1}
+
+
+async def test_a_plugin_that_registers_while_the_core_is_away_is_sent_to_retry(
+    deployment,
+):
+    """
+    WORKER_REGISTER or CREATE_SESSION that cannot reach the core closes the
+    connection with 1013: a plugin ignores ERROR and would wait for ever, but
+    reconnects after a close.
+    """
+    core, endpoint = deployment.core(*FAST_LINK)
+    bridge, port = deployment.bridge(endpoint, *FAST_LINK)
+    url = f"ws://127.0.0.1:{port}"
+    worker = await Plugin.connect(url)
+    master = await Plugin.connect(url)
+    await get_stats(worker)
+
+    core.kill9()
+    await asyncio.to_thread(bridge.wait_for_log, "lost the core", NOTICE_WITHIN)
+    await worker.send("WORKER_REGISTER")
+    await master.send("CREATE_SESSION")
+
+    for plugin in (worker, master):
+        code = await _close_code(plugin)
+        assert code == 1013
+
+
+async def _close_code(plugin: Plugin) -> int | None:
+    deadline = time.monotonic() + NOTICE_WITHIN
+    while time.monotonic() < deadline:
+        try:
+            await asyncio.wait_for(plugin.websocket.recv(), NOTICE_WITHIN)
+        except TimeoutError:
+            break
+        except ConnectionClosed as closed:
+            return None if closed.rcvd is None else closed.rcvd.code
+    raise AssertionError("connection still open")
+
+
+async def test_a_batch_that_would_fill_the_disk_is_refused_and_the_core_runs_on(
+    deployment, tmp_path
+):
+    """
+    The core keeps --min-free-space free at all times, not only at start-up:
+    a batch that would eat into it is refused with storage_error, and the core
+    carries on with files that fit (and could restart on that disk).
+    """
+    data_dir = tmp_path / "nearly-full"
+    data_dir.mkdir()
+    stats = os.statvfs(data_dir)
+    free = stats.f_bavail * stats.f_frsize
+    # Leave 64 MiB of room above the reserve: other processes on the machine
+    # may write a little meanwhile.
+    reserve = free - 64 * 2**20
+    core, endpoint = deployment.core(
+        *FAST_LINK, "--data-dir", str(data_dir), "--min-free-space", str(reserve)
+    )
+    _, port = deployment.bridge(endpoint, *FAST_LINK)
+    url = f"ws://127.0.0.1:{port}"
+    master, session_id, _ = await create_session(url)
+
+    big = {"big.png": os.urandom(96 * 2**20)}
+    await master.send(
+        "SUBMIT_TASKS",
+        sessionId=session_id,
+        tasks=[make_task(name, data) for name, data in big.items()],
+    )
+    error = await expect_error(master, "storage_error")
+    assert "--min-free-space" in error["message"]
+    assert list((data_dir / "spool").iterdir()) == []
+
+    small = _files("fits", 1, seed=6)
+    await _submit(master, session_id, small)
+    worker, _ = await register_worker(url)
+    task = (await worker.expect("TASK_ASSIGNED"))["task"]
+    await _complete(worker, task)
+    results, _ = await collect_results(master)
+    _check_every_file_once(results, small)
+    assert core.alive()
