@@ -293,6 +293,9 @@ class Bridge:
             del cut
         return parse_client_message(raw)
 
+    # TODO: a per-client limit on requests in flight; a client that floods
+    # GET_STATS (or any request) is served in turn with everyone else, and
+    # delays the others' messages behind its own at the core.
     async def _forward(self, client: _Client, inbound: Inbound) -> None:
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug(
