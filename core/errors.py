@@ -103,9 +103,7 @@ class SessionClosed(InvalidState):
     code = "session_closed"
 
     def __init__(self, session_id: str) -> None:
-        super().__init__(
-            f"session {session_id!r} has ended; create a new session"
-        )
+        super().__init__(f"session {session_id!r} has ended; create a new session")
         self.session_id = session_id
 
 
