@@ -103,7 +103,8 @@ def add_storage_options(parser: argparse.ArgumentParser, data_dir: Path | None) 
         type=byte_size,
         default=DEFAULT_MIN_FREE_SPACE,
         metavar="BYTES",
-        help="refuse to start with less free space than this in the data dir "
+        help="free space to keep in the data dir: refuse to start with less, "
+        "and refuse files that would leave less "
         "(default: 64MiB)",
     )
 
