@@ -310,8 +310,9 @@ class Scheduler:
         """
         A worker reports that it uploaded ``task_id``.
 
-        ``replayed`` marks a report a bridge sends again after a core
-        restart: one the core already has is then ignored without a word.
+        ``replayed`` marks a report that may be old news, as in a bridge's
+        claims (:meth:`bridge_joined` applies those this way): refusing it is
+        then not counted, and a late one draws no ERROR.
 
         Raises:
             TaskNotHeld: The sender is not busy with this task.
@@ -603,8 +604,9 @@ class Scheduler:
 
         Workers and masters the core has for this bridge are matched with the
         list: those still connected carry on, the others are gone. A worker
-        whose task never reached it is sent it again. Apply each claim's
-        ``report`` afterwards, as a replayed report.
+        whose task never reached it is sent it again, a master the outcomes
+        it missed; each claim's ``report`` is applied before anything is
+        handed out.
 
         Returns:
             The connection numbers that the core knows as a worker or master;
