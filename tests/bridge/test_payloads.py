@@ -479,7 +479,7 @@ _tasks = st.lists(
         st.text(),
         st.text(),
         st.binary(max_size=48),
-        st.integers(min_value=0, max_value=2**53),
+        st.integers(min_value=0, max_value=2**53 - 1),
         st.dictionaries(
             _keys.filter(lambda k: k not in _KNOWN_TASK_KEYS), _json_values, max_size=2
         ),
