@@ -19,17 +19,16 @@ import contextlib
 import hashlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 
 import psutil
 from websockets.asyncio.client import ClientConnection, connect
 
+from benchmarks.processes import free_port, wait_ready
 from core.__main__ import byte_size
 
 
@@ -40,7 +39,7 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=8, help="simulated workers")
     args = parser.parse_args()
 
-    port = _free_port()
+    port = free_port()
     # A data dir of its own, so that the queue and the spooled files do not
     # land in the user's ~/.local/share/linkup.
     with tempfile.TemporaryDirectory(prefix="linkup-benchmark-") as data_dir:
@@ -59,7 +58,7 @@ def main() -> int:
             stderr=subprocess.DEVNULL,
         )
         try:
-            _wait_ready(port)
+            wait_ready(port, linkup)
             sampler = _RssSampler(linkup.pid)
             sampler.start()
             seconds = asyncio.run(
@@ -178,23 +177,6 @@ class _RssSampler(threading.Thread):
     def stop(self) -> None:
         self._stopped.set()
         self.join()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _wait_ready(port: int) -> None:
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit("linkup did not become ready")
 
 
 if __name__ == "__main__":

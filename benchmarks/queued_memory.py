@@ -59,7 +59,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -74,6 +73,8 @@ from websockets.exceptions import ConnectionClosedOK
 from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 from websockets.uri import parse_uri
+
+from benchmarks.processes import free_port, wait_ready
 
 try:
     from websockets.speedups import apply_mask
@@ -104,7 +105,6 @@ SETTLE_SECONDS = 1.0
 BLOCK_SIZE = MiB
 HEADER_SIZE = 40
 MIN_FILE_SIZE = 64
-READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0
 MIME_TYPE = "application/octet-stream"
 RESULT_PREFIX = "https://x/"
@@ -870,7 +870,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     context = multiprocessing.get_context("spawn")
     events = context.Queue()
     stop_workers = context.Event()
-    port = _free_port()
+    port = free_port()
     url = f"ws://127.0.0.1:{port}"
     processes: list[multiprocessing.process.BaseProcess] = []
     sampler: RssSampler | None = None
@@ -895,7 +895,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             stderr=subprocess.STDOUT,
         )
     try:
-        _wait_ready(port, linkup)
+        wait_ready(port, linkup)
         core, bridge = _linkup_children(linkup.pid)
         sampler = RssSampler(core, bridge, SAMPLE_INTERVAL)
         sampler.start()
@@ -1231,25 +1231,6 @@ def _table(report: dict[str, Any]) -> str:
         + ("OK" if report["ok"] else "FAILED"),
     ]
     return "\n".join(lines)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _wait_ready(port: int, linkup: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT
-    while time.monotonic() < deadline:
-        if linkup.poll() is not None:
-            raise RuntimeError(f"linkup exited with status {linkup.returncode}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError("linkup did not become ready")
 
 
 def _linkup_children(pid: int) -> tuple[psutil.Process, psutil.Process]:

@@ -16,11 +16,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["REPORTS", "Continuity"]
+__all__ = ["OPENING_REQUESTS", "REPORTS", "Continuity"]
 
 #: A worker's reports on its task: kept until the next assignment, since the
 #: core may not have received them.
 REPORTS = frozenset({"TASK_COMPLETED", "TASK_FAILED"})
+
+#: What a plugin asks first and waits for an answer to before anything else;
+#: it ignores ERROR, so a connection whose opening request cannot be served
+#: is closed instead, and the plugin reconnects and asks again.
+OPENING_REQUESTS = frozenset({"WORKER_REGISTER", "CREATE_SESSION"})
 
 # Messages from the core that give a connection a role the core remembers.
 _ROLE_GIVEN = frozenset({"WORKER_REGISTERED", "SESSION_CREATED", "SESSION_RESUMED"})

@@ -26,7 +26,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 
 from bridge import http
-from bridge.continuity import REPORTS, Continuity
+from bridge.continuity import OPENING_REQUESTS, REPORTS, Continuity
 from bridge.keepalive import KeepaliveConnection
 from bridge.link import CoreLink
 from bridge.messages import (
@@ -326,9 +326,7 @@ class Bridge:
             self.link.claims_changed()
         elif inbound.type in ("WORKER_HEARTBEAT", "TASK_WAITING"):
             logger.debug("- %s dropped while the core is away", inbound.type)
-        elif inbound.type in ("WORKER_REGISTER", "CREATE_SESSION"):
-            # A plugin waits for the answer before anything else and ignores
-            # ERROR: closed, it reconnects in 5 s and asks again.
+        elif inbound.type in OPENING_REQUESTS:
             self._close(client, CLOSE_TRY_AGAIN_LATER, f"{error}")
         else:
             self._refuse(client, error)
@@ -463,16 +461,14 @@ class Bridge:
             if not future.done():
                 future.set_exception(Unavailable(f"linkup core lost: {reason}"))
 
-        # A request the core may never have received is not left waiting. A
-        # plugin waits for WORKER_REGISTERED or SESSION_CREATED before it does
-        # anything and ignores ERROR: it is closed, so that it starts over.
+        # A request the core may never have received is not left waiting.
         for client in self._clients.values():
             awaiting = client.continuity.awaiting
             if awaiting is None:
                 continue
             client.continuity.awaiting = None
             reason = f"linkup core stopped before answering {awaiting}"
-            if awaiting in ("WORKER_REGISTER", "CREATE_SESSION"):
+            if awaiting in OPENING_REQUESTS:
                 self._close(client, CLOSE_CORE_LOST, reason)
             else:
                 self._refuse(client, Unavailable(f"{reason}; send it again"))

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
 
 # Every wait in the end-to-end tests is a multiple of this, so that a slow CI
 # machine can be given more time without touching the tests.
@@ -132,6 +133,32 @@ def read_stdout_until(process: Process, *texts: str, timeout: float = TIMEOUT) -
                 )
             output += chunk
     return output.decode(errors="replace")
+
+
+# Fast link supervision, so that a lost peer is noticed within a second or so.
+FAST_LINK = ("--heartbeat-interval", "0.2", "--link-timeout", "1")
+# Comfortably more than that link timeout, far less than the defaults' 3 s.
+NOTICE_WITHIN = 5 * UNIT
+
+
+async def wait_for_close(plugin: Plugin, timeout: float = NOTICE_WITHIN) -> int | None:
+    """
+    Read until the server closes ``plugin``'s connection; return its close code.
+
+    None means that the connection broke without a close frame.
+
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise AssertionError(f"connection still open after {timeout}s")
+        try:
+            await asyncio.wait_for(plugin.websocket.recv(), remaining)
+        except TimeoutError:
+            continue
+        except ConnectionClosed as closed:
+            return None if closed.rcvd is None else closed.rcvd.code
 
 
 def wait_ready(port: int, process: Process, timeout: float = TIMEOUT) -> None:

@@ -46,7 +46,7 @@ import pytest
 
 from tests.e2e.chaos_clients import RESULTS, Master, WorkerFleet, WorkerProcess
 from tests.e2e.conftest import Deployment
-from tests.e2e.harness import UNIT, Process, http_get, wait_ready
+from tests.e2e.harness import FAST_LINK, UNIT, Process, http_get, wait_ready
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -57,7 +57,6 @@ MAX_ATTEMPTS = 3
 # A file gives up only if three holders in a row are killed under it.
 MAX_GAVE_UP = 3
 
-FAST_LINK = ("--heartbeat-interval", "0.2", "--link-timeout", "1")
 CORE_OPTIONS = (*FAST_LINK, "--worker-timeout", "3", "--resume-grace", "30")
 NOTICE_WITHIN = 10 * UNIT
 RUN_TIMEOUT = 90 * UNIT

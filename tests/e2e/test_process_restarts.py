@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from websockets.exceptions import ConnectionClosed
 
 from tests.e2e.harness import (
+    FAST_LINK,
+    NOTICE_WITHIN,
     TIMEOUT,
     UNIT,
     Plugin,
@@ -29,6 +30,7 @@ from tests.e2e.harness import (
     free_port,
     http_get,
     register_worker,
+    wait_for_close,
     wait_ready,
 )
 from tests.e2e.protocol_helpers import (
@@ -45,11 +47,6 @@ from tests.e2e.protocol_helpers import (
     watching,
 )
 from tests.e2e.raw_clients import wait_for_log
-
-# Fast link supervision, so that a lost peer is noticed within a second or so.
-FAST_LINK = ("--heartbeat-interval", "0.2", "--link-timeout", "1")
-# Comfortably more than the link timeout.
-NOTICE_WITHIN = 5 * UNIT
 
 pytestmark = pytest.mark.usefixtures("close_plugins")
 
@@ -611,20 +608,8 @@ async def test_a_plugin_that_registers_while_the_core_is_away_is_sent_to_retry(
     await master.send("CREATE_SESSION")
 
     for plugin in (worker, master):
-        code = await _close_code(plugin)
+        code = await wait_for_close(plugin)
         assert code == 1013
-
-
-async def _close_code(plugin: Plugin) -> int | None:
-    deadline = time.monotonic() + NOTICE_WITHIN
-    while time.monotonic() < deadline:
-        try:
-            await asyncio.wait_for(plugin.websocket.recv(), NOTICE_WITHIN)
-        except TimeoutError:
-            break
-        except ConnectionClosed as closed:
-            return None if closed.rcvd is None else closed.rcvd.code
-    raise AssertionError("connection still open")
 
 
 async def test_a_batch_that_would_fill_the_disk_is_refused_and_the_core_runs_on(

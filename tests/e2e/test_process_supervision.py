@@ -17,9 +17,10 @@ from typing import Any
 
 import psutil
 import pytest
-from websockets.exceptions import ConnectionClosed
 
 from tests.e2e.harness import (
+    FAST_LINK,
+    NOTICE_WITHIN,
     UNIT,
     Plugin,
     Process,
@@ -27,14 +28,9 @@ from tests.e2e.harness import (
     http_get,
     read_stdout_until,
     register_worker,
+    wait_for_close,
     wait_ready,
 )
-
-# Fast link supervision, so that a lost peer is noticed within a second or so.
-FAST_LINK = ("--heartbeat-interval", "0.2", "--link-timeout", "1")
-# Comfortably more than the link timeout, far less than the defaults' 3 s.
-NOTICE_WITHIN = 5 * UNIT
-
 
 pytestmark = pytest.mark.usefixtures("close_plugins")
 
@@ -46,26 +42,6 @@ def _get(port: int, path: str) -> tuple[int, dict[str, Any]]:
 
 async def _get_async(port: int, path: str) -> tuple[int, dict[str, Any]]:
     return await asyncio.to_thread(_get, port, path)
-
-
-async def _wait_for_close(plugin: Plugin, timeout: float = NOTICE_WITHIN) -> int | None:
-    """
-    Read until the server closes ``plugin``'s connection; return its close code.
-
-    None means that the connection broke without a close frame.
-
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise AssertionError(f"connection still open after {timeout}s")
-        try:
-            await asyncio.wait_for(plugin.websocket.recv(), remaining)
-        except TimeoutError:
-            continue
-        except ConnectionClosed as closed:
-            return None if closed.rcvd is None else closed.rcvd.code
 
 
 def _wait_for_any_log(
@@ -144,7 +120,7 @@ async def test_bridge_closes_its_clients_and_turns_unready_when_its_core_dies(
 
     core.kill9()
     killed_at = time.monotonic()
-    closes = await asyncio.gather(_wait_for_close(worker), _wait_for_close(master))
+    closes = await asyncio.gather(wait_for_close(worker), wait_for_close(master))
     # Closed by the server with a close frame that tells the plugin the server
     # side failed (linkup sends 1011), not a broken TCP connection.
     assert set(closes) <= {1001, 1011, 1012, 1013}, closes
@@ -171,7 +147,7 @@ async def test_bridge_turns_away_new_clients_while_its_core_is_down(deployment):
     await asyncio.to_thread(bridge.wait_for_log, "lost the core", NOTICE_WITHIN)
 
     latecomer = await Plugin.connect(f"ws://127.0.0.1:{port}")
-    code = await _wait_for_close(latecomer, timeout=NOTICE_WITHIN)
+    code = await wait_for_close(latecomer, timeout=NOTICE_WITHIN)
     assert code == 1013
 
 
@@ -219,7 +195,7 @@ async def test_a_core_restarted_without_its_state_makes_clients_start_over(
     core.kill9()
     await asyncio.to_thread(bridge.wait_for_log, "lost the core", NOTICE_WITHIN)
     deployment.core(*FAST_LINK, "--memory", endpoint=endpoint)
-    assert await _wait_for_close(old_worker, timeout=2 * NOTICE_WITHIN) == 1011
+    assert await wait_for_close(old_worker, timeout=2 * NOTICE_WITHIN) == 1011
     await asyncio.to_thread(wait_ready, port, bridge, NOTICE_WITHIN)
 
     status, stats = await _get_async(port, "/status")
