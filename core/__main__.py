@@ -5,6 +5,7 @@ linkup-core: the scheduler alone, serving bridges over ZeroMQ.
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import secrets
@@ -16,7 +17,9 @@ from pathlib import Path
 from types import FrameType
 
 import zmq
+from prometheus_client import start_http_server
 
+from core.errors import ERROR_CODES
 from core.scheduler import (
     DEFAULT_MAX_ATTEMPTS,
     DEFAULT_RESUME_GRACE,
@@ -42,10 +45,15 @@ from core.store import (
 from linkup import __version__
 from linkup.logs import add_log_level_option, configure_logging
 from linkup.memory import return_large_buffers_promptly
+from metrics.build import new_registry
+from metrics.core import CoreMetrics
 
 # Refuse to start with less free space than this in the data dir: a core
 # that fills the disk mid-batch can only refuse files.
 DEFAULT_MIN_FREE_SPACE = 64 * 2**20
+
+# Next to the link's 9528; Prometheus scrapes http://HOST:9529/metrics.
+DEFAULT_METRICS_PORT = 9529
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,6 +70,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_storage_options(parser, default_data_dir("core"))
     add_scheduler_options(parser)
     add_link_options(parser)
+    parser.add_argument(
+        "--metrics-port",
+        type=port_or_zero,
+        default=DEFAULT_METRICS_PORT,
+        metavar="PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics; 0: do not "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--metrics-host",
+        default="0.0.0.0",
+        metavar="HOST",
+        help="address for the metrics port (default: %(default)s)",
+    )
     add_log_level_option(parser)
     parser.add_argument("--version", action="version", version=__version__)
     return parser
@@ -286,6 +308,10 @@ def port_number(text: str) -> int:
     return value
 
 
+def port_or_zero(text: str) -> int:
+    return 0 if text.strip() == "0" else port_number(text)
+
+
 def _raise_keyboard_interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
@@ -309,6 +335,27 @@ def main(argv: list[str] | None = None) -> int:
     scheduler.restore(
         snapshot.sessions, snapshot.tasks, snapshot.workers, time.monotonic()
     )
+    metrics = None
+    if args.metrics_port:
+        registry = new_registry("core")
+        metrics = CoreMetrics(registry, lambda: scheduler.counters, ERROR_CODES)
+        try:
+            # prometheus-client serves from a thread of its own; see
+            # metrics.core for what it reads.
+            metrics_server, _ = start_http_server(
+                args.metrics_port, args.metrics_host, registry
+            )
+        except OSError as exc:
+            store.close()
+            spool.close()
+            sys.exit(
+                f"linkup-core: cannot serve metrics on "
+                f"{args.metrics_host}:{args.metrics_port}: {exc}; choose another "
+                "--metrics-port, or 0 for none"
+            )
+        logging.getLogger("linkup.core").info(
+            "metrics on http://%s:%d/metrics", args.metrics_host, args.metrics_port
+        )
     context = zmq.Context()
     try:
         server = CoreServer(
@@ -325,6 +372,7 @@ def main(argv: list[str] | None = None) -> int:
             ),
             heartbeat_interval=args.heartbeat_interval,
             link_timeout=args.link_timeout,
+            metrics=metrics,
         )
     except zmq.ZMQError as exc:
         context.destroy(linger=0)
@@ -343,6 +391,8 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         server.close()
         context.term()
+        if metrics is not None:
+            metrics_server.shutdown()
     return 0
 
 

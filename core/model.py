@@ -18,6 +18,7 @@ __all__ = [
     "ClientClaim",
     "ClientRef",
     "Disconnect",
+    "Measure",
     "Outgoing",
     "Send",
     "Session",
@@ -78,6 +79,30 @@ class Task:
     #: When the current attempt must have ended, or None for no limit.
     deadline: float | None = None
     last_error: str | None = None
+    # When the task was submitted, last entered the queue, and was last
+    # assigned, on the scheduler's clock; for metrics only. They are not
+    # stored: after a restart of the core they are None, and what they would
+    # measure is not measured.
+    submitted_at: float | None = None
+    queued_at: float | None = None
+    assigned_at: float | None = None
+
+
+class Measure(enum.Enum):
+    """
+    What a measurement taken by the scheduler is of; see
+    :meth:`core.scheduler.Scheduler.take_measurements`.
+
+    """
+
+    #: Declared size of a submitted file, in bytes.
+    TASK_SIZE = "task_size"
+    #: Seconds from entering the queue (submission or retry) to assignment.
+    QUEUE_WAIT = "queue_wait"
+    #: Seconds from assignment to the worker's TASK_COMPLETED.
+    UPLOAD = "upload"
+    #: Seconds from submission to the task's final outcome.
+    LATENCY = "latency"
 
 
 @dataclass(slots=True)

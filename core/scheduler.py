@@ -36,7 +36,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +55,7 @@ from core.model import (
     ClientClaim,
     ClientRef,
     Disconnect,
+    Measure,
     Outgoing,
     Send,
     Session,
@@ -104,6 +105,12 @@ class Counters:
     tasks_cancelled: int = 0
     attempts_expired: int = 0
     reports_refused: int = 0
+    #: Base64 payload bytes accepted from masters, and sent to workers
+    #: (an assignment sent again counts again).
+    payload_bytes_received: int = 0
+    payload_bytes_sent: int = 0
+    #: Declared sizes of the files of completed tasks.
+    bytes_completed: int = 0
 
 
 class Scheduler:
@@ -171,6 +178,7 @@ class Scheduler:
 
         self._outgoing: list[Outgoing] = []
         self._changes = Changes()
+        self._measurements: list[tuple[Measure, float]] = []
         #: No timer is due before this; a lower bound, so that tick() is
         #: cheap on the many turns where nothing is due.
         self._wake_at = _NEVER
@@ -223,7 +231,7 @@ class Scheduler:
             self._tasks[task.id] = task
             holder = self._workers.get(task.worker_id or "")
             if task.state is TaskState.PENDING:
-                self._requeue(task, front=False)
+                self._requeue(task, front=False, now=None)
             elif holder is not None and holder.task_id == task.id:
                 task.deadline = self._attempt_deadline(now)
             else:
@@ -440,11 +448,14 @@ class Scheduler:
         task_ids = []
         for spec in specs:
             task = Task(self._new_id("t"), session_id, session.total, spec)
+            task.submitted_at = now
             session.total += 1
             self._tasks[task.id] = task
             self._changes.tasks[task.id] = task
-            self._requeue(task, front=False)
+            self._requeue(task, front=False, now=now)
             task_ids.append(task.id)
+            self._measurements.append((Measure.TASK_SIZE, spec.size))
+            self.counters.payload_bytes_received += spec.payload_size
         self._changes.sessions[session_id] = session
         self.counters.tasks_submitted += len(specs)
         logger.info(
@@ -755,6 +766,18 @@ class Scheduler:
         outgoing, self._outgoing = self._outgoing, []
         return outgoing
 
+    def take_measurements(self) -> list[tuple[Measure, float]]:
+        """
+        Return and forget the measurements taken since the last call.
+
+        Sizes and durations for metrics' histograms, on the clock of the
+        ``now`` arguments. Durations that began before a restart of the core
+        are not measured.
+
+        """
+        measurements, self._measurements = self._measurements, []
+        return measurements
+
     def take_changes(self) -> Changes:
         """
         Return and clear what changed since the last call, for the store.
@@ -762,6 +785,24 @@ class Scheduler:
         """
         changes, self._changes = self._changes, Changes()
         return changes
+
+    # Read-only views for core.readout; callers must not change what they get.
+
+    @property
+    def workers(self) -> Mapping[str, Worker]:
+        return self._workers
+
+    @property
+    def sessions(self) -> Mapping[str, Session]:
+        return self._sessions
+
+    @property
+    def tasks(self) -> Mapping[str, Task]:
+        return self._tasks
+
+    @property
+    def pending_count(self) -> int:
+        return self._pending_count
 
     def statistics(self) -> dict[str, Any]:
         """
@@ -879,6 +920,9 @@ class Scheduler:
         worker, task = held
         worker.completed += 1
         worker.total_bytes += task.spec.size
+        self.counters.bytes_completed += task.spec.size
+        if task.assigned_at is not None:
+            self._measurements.append((Measure.UPLOAD, now - task.assigned_at))
         self._release_worker(worker, now)
         logger.info(
             "task completed task=%s worker=%s attempt=%d",
@@ -939,6 +983,9 @@ class Scheduler:
             task.state = TaskState.ASSIGNED
             task.worker_id = worker_id
             task.attempts += 1
+            if task.queued_at is not None:
+                self._measurements.append((Measure.QUEUE_WAIT, now - task.queued_at))
+            task.assigned_at = now
             task.deadline = self._attempt_deadline(now)
             if task.deadline is not None:
                 self._wake(task.deadline)
@@ -954,6 +1001,7 @@ class Scheduler:
             task.attempts,
             task.spec.payload_size,
         )
+        self.counters.payload_bytes_sent += task.spec.payload_size
         self._send(
             worker.client,
             {
@@ -974,7 +1022,10 @@ class Scheduler:
     def _last_served(self, session_id: str) -> int:
         return self._sessions[session_id].last_served
 
-    def _requeue(self, task: Task, *, front: bool) -> None:
+    def _requeue(self, task: Task, *, front: bool, now: float | None) -> None:
+        # now is None for a task restored from the store: when it entered
+        # the queue is not known.
+        task.queued_at = now
         task.state = TaskState.PENDING
         task.worker_id = None
         task.deadline = None
@@ -1013,7 +1064,7 @@ class Scheduler:
                 error,
             )
             self.counters.tasks_retried += 1
-            self._requeue(task, front=True)
+            self._requeue(task, front=True, now=now)
             self._changes.tasks[task.id] = task
             return
 
@@ -1032,6 +1083,8 @@ class Scheduler:
         # A task's final outcome: tell its master, and end the session if
         # this was its last task.
         self._delete_task(task)
+        if task.submitted_at is not None:
+            self._measurements.append((Measure.LATENCY, now - task.submitted_at))
         session = self._sessions[task.session_id]
         if error is None:
             session.completed += 1

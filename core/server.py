@@ -50,10 +50,12 @@ from core.model import (
     Send,
     TaskSpec,
 )
+from core.observer import LinkedBridge, Observer
 from core.scheduler import Scheduler
 from core.spool import Spool
 from core.store import StorageError, Store
 from core.wire import Command
+from metrics.core import CoreMetrics
 
 __all__ = ["DEFAULT_BIND", "CoreServer"]
 
@@ -81,6 +83,8 @@ class _Bridge:
     join: int
     last_heard: float
     last_sent: float
+    #: Whether status pages are open on the bridge, and want views.
+    watching: bool = False
 
 
 class CoreServer:
@@ -99,6 +103,7 @@ class CoreServer:
             raises StorageError if the disk has no room for it.
         heartbeat_interval: Seconds between heartbeats to each bridge.
         link_timeout: Seconds of silence after which a bridge is lost.
+        metrics: Where to count; None for no metrics.
         clock: Monotonic clock, in seconds.
 
     """
@@ -115,6 +120,7 @@ class CoreServer:
         check_room: Callable[[int], None] | None = None,
         heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
         link_timeout: float = DEFAULT_LINK_TIMEOUT,
+        metrics: CoreMetrics | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.scheduler = scheduler
@@ -127,6 +133,8 @@ class CoreServer:
         self._clock = clock
         self._bridges: dict[bytes, _Bridge] = {}
         self._stopping = False
+        self._metrics = metrics
+        self._observer = Observer(scheduler, store, spool, metrics)
 
         self._socket = context.socket(zmq.ROUTER)
         # Unroutable messages raise instead of vanishing, and nothing is
@@ -204,7 +212,7 @@ class CoreServer:
 
     def _time_until_next_timer(self) -> float:
         now = self._clock()
-        deadlines = [now + self.heartbeat_interval]
+        deadlines = [now + self.heartbeat_interval, self._observer.due]
         deadlines.extend(
             b.last_sent + self.heartbeat_interval for b in self._bridges.values()
         )
@@ -230,6 +238,23 @@ class CoreServer:
 
         # Cheap when nothing is due, so no need to ask next_deadline() first.
         self.scheduler.tick(now)
+
+        if now >= self._observer.due:
+            watching = [b for b in self._bridges.values() if b.watching]
+            view = self._observer.read(now, self._linked(now), bool(watching))
+            if view is not None:
+                for bridge in watching:
+                    self._send(bridge.routing_id, Command.VIEW, {"view": view})
+
+    def _linked(self, now: float) -> list[LinkedBridge]:
+        return [
+            LinkedBridge(
+                bridge.instance[:8],
+                len(self.scheduler.known_clients(bridge.routing_id)),
+                round(now - bridge.last_heard, 1),
+            )
+            for bridge in self._bridges.values()
+        ]
 
     def _heartbeat_due_bridges(self) -> None:
         now = self._clock()
@@ -279,9 +304,15 @@ class CoreServer:
                         "stats": self.scheduler.statistics(),
                     },
                 )
+            case Command.WATCH:
+                bridge.watching = bool(envelope.header.get("watching"))
+                logger.debug("< watch %s bridge=%s", bridge.watching, bridge.instance)
+                if bridge.watching:
+                    view = self._observer.view(now, self._linked(now))
+                    self._send(routing_id, Command.VIEW, {"view": view})
             case Command.BYE:
                 logger.info("bridge said goodbye bridge=%s", bridge.instance)
-                self._forget_bridge(routing_id, now)
+                self._forget_bridge(routing_id, now, lost=False)
             case _:
                 logger.warning("unexpected link command %s", envelope.command.name)
 
@@ -358,6 +389,10 @@ class CoreServer:
                 "refused %s client=%s: %s (%s)", message_type, client[1], exc, exc.code
             )
             self._reply_error(client, exc.code, str(exc))
+            if message_type == "SUBMIT_TASKS" and self._metrics is not None:
+                tasks = message.get("tasks") if isinstance(message, dict) else None
+                files = len(tasks) if isinstance(tasks, list) else 1
+                self._metrics.refused(exc.code, files)
         except Exception:
             logger.error("bug while handling %s", message_type, exc_info=True)
             self._reply_error(client, INTERNAL_ERROR, "internal error")
@@ -453,8 +488,12 @@ class CoreServer:
             except StorageError as exc:
                 logger.warning("cannot delete a spooled file key=%s: %s", key, exc)
 
-    def _forget_bridge(self, routing_id: bytes, now: float) -> None:
+    def _forget_bridge(
+        self, routing_id: bytes, now: float, *, lost: bool = True
+    ) -> None:
         del self._bridges[routing_id]
+        if lost and self._metrics is not None:
+            self._metrics.bridges_lost.inc()
         self.scheduler.bridge_gone(routing_id, now)
 
     # Output.
@@ -467,6 +506,7 @@ class CoreServer:
             self._store(self.scheduler.take_changes())
             outgoing = self.scheduler.messages_to_send()
             if not outgoing:
+                self._observer.after_flush()
                 return
             self._deliver(outgoing)
 

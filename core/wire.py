@@ -85,6 +85,12 @@ class Command(enum.IntEnum):
     RESET = 11
     #: bridge → core: ``{}``; the bridge is shutting down.
     BYE = 12
+    #: bridge → core: ``{"watching": bool}``; whether status pages are open
+    #: on the bridge. Sent again after every (re)join while they are.
+    WATCH = 13
+    #: core → bridge: ``{"view": {...}}``; what the status page shows, sent to
+    #: watching bridges when it changes (docs/metrics.md).
+    VIEW = 14
 
 
 @dataclass(slots=True)

@@ -40,6 +40,7 @@ from core.__main__ import (
     add_storage_options,
     default_data_dir,
     port_number,
+    port_or_zero,
     scheduler_and_storage_argv,
 )
 from linkup import __version__
@@ -79,6 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_scheduler_options(parser)
     add_bridge_options(parser)
     add_link_options(parser)
+    parser.add_argument(
+        "--core-metrics-port",
+        type=port_or_zero,
+        metavar="PORT",
+        help="serve the core's Prometheus metrics at http://HOST:PORT/metrics; "
+        "0: do not (default: PORT + 2, e.g. 9529); the bridge's are at "
+        "http://HOST:PORT/metrics",
+    )
     add_log_level_option(parser)
     parser.add_argument("--version", action="version", version=__version__)
     return parser
@@ -98,6 +107,15 @@ def main(argv: list[str] | None = None) -> int:
             1,
             f"linkup: port {port} is already in use (another linkup?); "
             f"choose another, e.g. `linkup {port + 1 if port < 65535 else 8080}`\n",
+        )
+    metrics_port = args.core_metrics_port
+    if metrics_port is None:
+        metrics_port = port + 2 if port + 2 < 65536 else 0
+    if metrics_port and not _port_is_free(args.host, metrics_port):
+        parser.exit(
+            1,
+            f"linkup: port {metrics_port}, for the core's metrics, is already in "
+            "use; choose another with --core-metrics-port, or 0 for none\n",
         )
     configure_logging(args.log_level)
 
@@ -125,6 +143,10 @@ def main(argv: list[str] | None = None) -> int:
             "--bind",
             endpoint,
             *scheduler_and_storage_argv(args),
+            "--metrics-host",
+            args.host,
+            "--metrics-port",
+            str(metrics_port),
             *common,
         ],
         "bridge": [
@@ -154,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if not _wait_until_ready(args.host, port, children, lambda: stop_requested):
             return 0 if stop_requested else 1
-        print(_banner(args.host, port), flush=True)
+        print(_banner(args.host, port, metrics_port), flush=True)
 
         restarts = {name: deque[float]() for name in commands}
         while not stop_requested:
@@ -284,7 +306,7 @@ def lan_addresses() -> list[str]:
     return sorted(set(found))
 
 
-def _banner(host: str, port: int) -> str:
+def _banner(host: str, port: int, metrics_port: int) -> str:
     if host in ("0.0.0.0", "", "::"):
         local = "localhost"
         others = lan_addresses()
@@ -296,7 +318,12 @@ def _banner(host: str, port: int) -> str:
         "",
         f"  WebSocket / 插件服务器地址:  ws://{local}:{port}",
         f"  Status page / 状态页面:      http://{local}:{port}",
+        f"  Metrics / 监控指标:          http://{local}:{port}/metrics",
     ]
+    if metrics_port:
+        lines.append(
+            f"                               http://{local}:{metrics_port}/metrics"
+        )
     if others:
         lines += [
             "",

@@ -110,6 +110,8 @@ def test_command_numbers_are_stable() -> None:
         "STATS_REPLY": 10,
         "RESET": 11,
         "BYE": 12,
+        "WATCH": 13,
+        "VIEW": 14,
     }
     assert PROTOCOL == b"LINKUP1"
 
@@ -157,7 +159,7 @@ def test_wrong_protocol_tag_is_refused(tag: bytes) -> None:
 
 @pytest.mark.parametrize(
     "command_frame",
-    [b"\x00", b"\x0d", b"\xff", b"", b"\x01\x01", b"HELLO"],
+    [b"\x00", b"\x0f", b"\xff", b"", b"\x01\x01", b"HELLO"],
 )
 def test_unknown_command_is_refused(command_frame: bytes) -> None:
     frames = [PROTOCOL, command_frame, b"{}"]

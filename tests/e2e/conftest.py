@@ -40,13 +40,22 @@ class Deployment:
             return []
         return ["--data-dir", str(self.log_dir / f"data-{name}")]
 
+    def metrics_options(self, options: tuple[str, ...], option: str) -> list[str]:
+        """
+        The core's metrics on a free port, unless ``options`` choose one: its
+        default could be taken by another test's process.
+
+        """
+        return [] if option in options else [option, str(free_port())]
+
     def linkup(self, *options: str) -> tuple[Process, int]:
         """
         Start ``linkup PORT`` on loopback; return it once ready, and its port.
 
         """
         port = free_port()
-        options = (*self.data_dir_options(options, str(port)), *options)
+        metrics = self.metrics_options(options, "--core-metrics-port")
+        options = (*self.data_dir_options(options, str(port)), *metrics, *options)
         process = self.start(
             f"linkup-{port}",
             "-m",
@@ -58,6 +67,7 @@ class Deployment:
             "DEBUG",
             *options,
         )
+        process.metrics_port = _metrics_port(options, "--core-metrics-port")
         wait_ready(port, process)
         return process, port
 
@@ -68,7 +78,8 @@ class Deployment:
         """
         endpoint = endpoint or f"tcp://127.0.0.1:{free_port()}"
         name = endpoint.rsplit(":", 1)[-1].replace("/", "_")
-        options = (*self.data_dir_options(options, f"core-{name}"), *options)
+        metrics = self.metrics_options(options, "--metrics-port")
+        options = (*self.data_dir_options(options, f"core-{name}"), *metrics, *options)
         process = self.start(
             f"core-{len(self.processes)}",
             "-m",
@@ -79,6 +90,7 @@ class Deployment:
             "DEBUG",
             *options,
         )
+        process.metrics_port = _metrics_port(options, "--metrics-port")
         return process, endpoint
 
     def bridge(
@@ -106,6 +118,11 @@ class Deployment:
     def stop_all(self) -> None:
         for process in reversed(self.processes):
             process.stop()
+
+
+def _metrics_port(options: tuple[str, ...], option: str) -> int | None:
+    port = int(options[options.index(option) + 1])
+    return port or None
 
 
 @pytest.fixture

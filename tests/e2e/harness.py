@@ -56,6 +56,8 @@ class Process:
     def __init__(self, name: str, argv: Sequence[str], log_dir: Path) -> None:
         self.name = name
         self.argv = list(argv)
+        #: Where the process serves the core's Prometheus metrics, if it does.
+        self.metrics_port: int | None = None
         self.log_path = log_dir / f"{name}.log"
         self._log = self.log_path.open("wb")
         self.popen = subprocess.Popen(
