@@ -55,6 +55,16 @@ class Continuity:
     #: Sessions the core made this connection the master of.
     sessions: list[str] = field(default_factory=list)
 
+    @property
+    def role(self) -> str:
+        """
+        ``worker``, ``master`` or ``none``, for metrics.
+
+        """
+        if not self.has_role:
+            return "none"
+        return "master" if self.sessions else "worker"
+
     def forwarded(self, message_type: str, header: dict[str, Any]) -> None:
         """
         Note a message that went to the core.

@@ -3,7 +3,8 @@ Plain HTTP on the WebSocket port: the status page, ``/status`` and friends.
 
 websockets hands every request to :func:`respond` before its handshake. A
 WebSocket upgrade, on any path (the plugin sends whatever path the user typed),
-goes on to the handshake; anything else is answered here.
+goes on to the handshake, where the bridge tells the status page's feed
+(``/status/live``) from plugins; anything else is answered here.
 """
 
 from __future__ import annotations
@@ -26,7 +27,38 @@ if TYPE_CHECKING:
 
 __all__ = ["respond"]
 
-_STATUS_PAGE = resources.files("bridge").joinpath("static/index.html").read_bytes()
+_CONTENT_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".svg": "image/svg+xml",
+    ".png": "image/png",
+    ".txt": "text/plain; charset=utf-8",
+    ".md": "text/plain; charset=utf-8",
+    ".json": "application/json",
+}
+
+
+def _load_static() -> dict[str, tuple[bytes, str]]:
+    # Every file the page needs, read once at start, by the path it is served
+    # at: a request can only ever name one of these, never another file.
+    files: dict[str, tuple[bytes, str]] = {}
+    pending = [(resources.files("bridge").joinpath("static"), "/static")]
+    while pending:
+        directory, prefix = pending.pop()
+        for entry in directory.iterdir():
+            path = f"{prefix}/{entry.name}"
+            if entry.is_dir():
+                pending.append((entry, path))
+            else:
+                suffix = "." + entry.name.rpartition(".")[2]
+                content_type = _CONTENT_TYPES.get(suffix, "application/octet-stream")
+                files[path] = (entry.read_bytes(), content_type)
+    files["/"] = files["/index.html"] = files["/static/index.html"]
+    return files
+
+
+_STATIC = _load_static()
 
 
 async def respond(bridge: Bridge, request: Request) -> Response | None:
@@ -44,8 +76,9 @@ async def respond(bridge: Bridge, request: Request) -> Response | None:
         except Unavailable as exc:
             return _json(http.HTTPStatus.SERVICE_UNAVAILABLE, {"error": str(exc)})
         return _json(http.HTTPStatus.OK, stats)
-    if path in ("/", "/index.html"):
-        return _response(http.HTTPStatus.OK, _STATUS_PAGE, "text/html; charset=utf-8")
+    if path in _STATIC:
+        body, content_type = _STATIC[path]
+        return _response(http.HTTPStatus.OK, body, content_type)
     if path == "/metrics":
         return _response(
             http.HTTPStatus.OK, generate_latest(bridge.registry), CONTENT_TYPE_LATEST

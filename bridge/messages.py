@@ -111,6 +111,25 @@ _SCHEMAS: dict[str, type[msgspec.Struct]] = {
 
 KNOWN_TYPES = frozenset(_SCHEMAS)
 
+#: What the core sends clients (docs/protocol.md); for metrics' labels.
+OUTBOUND_TYPES = frozenset(
+    {
+        "WORKER_REGISTERED",
+        "SESSION_CREATED",
+        "TASKS_SUBMITTED",
+        "TASK_ASSIGNED",
+        "TASK_COMPLETED",
+        "TASK_FAILED",
+        "TASK_WAITING",
+        "SESSION_COMPLETED",
+        "STATS_UPDATE",
+        "ERROR",
+        "TASK_CANCELLED",
+        "SESSION_CANCELLED",
+        "SESSION_RESUMED",
+    }
+)
+
 # Bytes that a JSON string cannot hold as they are. Base64 never has them, so
 # payloads can be spliced into JSON output verbatim; anything else is escaped
 # once, on the way in.

@@ -12,15 +12,17 @@ same port are answered by :mod:`bridge.http`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import itertools
 import logging
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 import websockets
 import zmq.asyncio
-from prometheus_client import CollectorRegistry
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
@@ -29,8 +31,10 @@ from bridge import http
 from bridge.continuity import OPENING_REQUESTS, REPORTS, Continuity
 from bridge.keepalive import KeepaliveConnection
 from bridge.link import CoreLink
+from bridge.live import LIVE_PATH, LiveStatus
 from bridge.messages import (
     KNOWN_TYPES,
+    OUTBOUND_TYPES,
     Inbound,
     encode_error,
     encode_for_client,
@@ -48,7 +52,8 @@ from core.errors import (
     UnknownType,
 )
 from core.wire import Command
-from metrics.bridge import BridgeMetrics
+from metrics.bridge import ROLES, BridgeMetrics
+from metrics.build import new_registry
 
 __all__ = ["Bridge", "BridgeOptions"]
 
@@ -129,11 +134,22 @@ class Bridge:
         #: reports still go to the core in the claims, marked gone.
         self._departed: dict[int, Continuity] = {}
         self._request_numbers = itertools.count(1)
+        self._background: set[asyncio.Task[None]] = set()
 
-        self.registry = CollectorRegistry()
-        self.metrics = BridgeMetrics(self.registry, KNOWN_TYPES, ERROR_CODES)
-        self.metrics.connections.set_function(lambda: len(self._clients))
+        self.live = LiveStatus(self.link.instance[:8], self._watch)
+
+        # /metrics is served on this loop (bridge.http), so these functions
+        # read the bridge's state from its own thread.
+        self.registry = new_registry("bridge")
+        self.metrics = BridgeMetrics(
+            self.registry, KNOWN_TYPES, OUTBOUND_TYPES, ERROR_CODES
+        )
+        for role in ROLES:
+            self.metrics.connections.labels(role).set_function(
+                functools.partial(self._count_clients, role)
+            )
         self.metrics.core_link_up.set_function(lambda: int(self.link.up.is_set()))
+        self.metrics.status_viewers.set_function(lambda: self.live.viewers)
 
     async def run(self) -> None:
         """
@@ -207,7 +223,25 @@ class Bridge:
     ) -> websockets.http11.Response | None:
         return await http.respond(self, request)
 
+    def _count_clients(self, role: str) -> int:
+        return sum(1 for c in self._clients.values() if c.continuity.role == role)
+
+    def _watch(self, watching: bool) -> None:
+        async def send() -> None:
+            with contextlib.suppress(Unavailable):
+                await self.link.send(Command.WATCH, {"watching": watching})
+
+        # Kept until done: the loop holds only weak references to tasks.
+        task = asyncio.create_task(send())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     async def _serve_client(self, websocket: ServerConnection) -> None:
+        request = websocket.request
+        if request is not None and urlsplit(request.path).path == LIVE_PATH:
+            await self.live.serve(websocket)
+            return
+
         if not self.link.up.is_set():
             try:
                 await asyncio.wait_for(self.link.up.wait(), self.options.link_timeout)
@@ -336,7 +370,9 @@ class Bridge:
             "refused message client=%d: %s (%s)", client.number, error, error.code
         )
         self.metrics.error_sent(error.code)
-        client.outbox.put_nowait(encode_error(error))
+        data = encode_error(error)
+        self.metrics.message_sent("ERROR", len(data))
+        client.outbox.put_nowait(data)
 
     async def _send_loop(self, client: _Client) -> None:
         # The only writer to this WebSocket. Other tasks only put into the
@@ -382,14 +418,13 @@ class Bridge:
 
     def _broadcast(self, message: dict[str, Any]) -> None:
         data = orjson.dumps(message)
+        message_type = message.get("type")
         # A STATS_UPDATE is a snapshot: a client that has not yet been sent
         # the previous one gets only the newest.
-        if message.get("type") == "STATS_UPDATE":
-            for client in self._clients.values():
-                client.outbox.put_latest(data)
-        else:
-            for client in self._clients.values():
-                client.outbox.put_nowait(data)
+        put = Outbox.put_latest if message_type == "STATS_UPDATE" else Outbox.put_nowait
+        for client in self._clients.values():
+            self.metrics.message_sent(message_type, len(data))
+            put(client.outbox, data)
 
     # Messages from the core (LinkHandler).
 
@@ -413,7 +448,9 @@ class Bridge:
                         client.number,
                         0 if payload is None else len(payload),
                     )
-                client.outbox.put_nowait(encode_for_client(message, payload))
+                data = encode_for_client(message, payload)
+                self.metrics.message_sent(message.get("type"), len(data))
+                client.outbox.put_nowait(data)
             case Command.BROADCAST:
                 self._broadcast(header["message"])
             case Command.CLOSE_CLIENT:
@@ -423,6 +460,8 @@ class Bridge:
                         "core closed client=%d: %s", client.number, header["reason"]
                     )
                     client.outbox.put_nowait(_Close(header["code"], header["reason"]))
+            case Command.VIEW:
+                self.live.on_view(header["view"])
             case Command.STATS_REPLY:
                 future = self._stats_requests.get(header["request"])
                 if future is not None and not future.done():
@@ -447,6 +486,7 @@ class Bridge:
             self._close_timer.cancel()
             self._close_timer = None
         self._departed.clear()
+        self.live.on_link(True)
 
         # A connection with a role the core no longer has (a core without a
         # data dir restarted, or it gave this bridge up) must start over.
@@ -457,6 +497,8 @@ class Bridge:
                 self._close(client, CLOSE_CORE_LOST, "linkup core lost this connection")
 
     def on_link_lost(self, reason: str) -> None:
+        self.metrics.core_link_losses.inc()
+        self.live.on_link(False)
         for future in self._stats_requests.values():
             if not future.done():
                 future.set_exception(Unavailable(f"linkup core lost: {reason}"))

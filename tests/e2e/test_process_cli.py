@@ -206,10 +206,11 @@ def test_children_end_themselves_when_linkup_is_killed(deployment):
                 "--host",
                 "--max-message-size",
                 "--max-outbox",
+                "--core-metrics-port",
                 "--log-level",
             ],
         ),
-        ("linkup-core", ["--bind", "--log-level"]),
+        ("linkup-core", ["--bind", "--metrics-port", "--metrics-host", "--log-level"]),
         (
             "linkup-bridge",
             [
@@ -252,6 +253,8 @@ def test_help_lists_the_options(command, options):
         ("linkup", ["--max-outbox", "lots"], "--max-outbox"),
         ("linkup-bridge", ["--port", "70000"], "70000"),
         ("linkup-bridge", ["--log-level", "LOUD"], "--log-level"),
+        ("linkup-core", ["--metrics-port", "70000"], "70000"),
+        ("linkup", ["--core-metrics-port", "-1"], "--core-metrics-port"),
     ],
 )
 def test_a_bad_option_value_is_refused_with_a_clear_message(command, arguments, named):
@@ -308,3 +311,54 @@ def test_linkup_core_exits_with_a_message_when_its_endpoint_is_taken():
     assert result.returncode != 0
     assert str(port) in result.stderr
     assert "Traceback" not in result.stderr, result.stderr
+
+
+def test_linkup_core_exits_with_a_message_when_its_metrics_port_is_taken(tmp_path):
+    """A metrics port in use: linkup-core says which and exits, no traceback."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = _run(
+            "linkup-core",
+            "--bind",
+            f"ipc://{tmp_path}/core.sock",
+            "--memory",
+            "--metrics-host",
+            "127.0.0.1",
+            "--metrics-port",
+            str(port),
+        )
+    assert result.returncode != 0
+    assert f"127.0.0.1:{port}" in result.stderr
+    assert "--metrics-port" in result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+
+
+def test_linkup_refuses_a_taken_core_metrics_port_before_starting():
+    """linkup checks the core's metrics port first: no banner, a clear message."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = _run(
+            "linkup",
+            str(free_port()),
+            "--host",
+            "127.0.0.1",
+            "--core-metrics-port",
+            str(port),
+        )
+    assert result.returncode != 0
+    assert str(port) in result.stderr
+    assert "--core-metrics-port" in result.stderr
+    assert "ws://" not in result.stdout
+    assert "Traceback" not in result.stderr, result.stderr
+
+
+def test_core_metrics_port_0_turns_the_core_metrics_off(deployment):
+    """With --core-metrics-port 0 the banner names only the bridge's /metrics."""
+    process, port = deployment.linkup("--core-metrics-port", "0")
+    banner = read_stdout_until(process, "Ctrl-C")
+    assert f"http://127.0.0.1:{port}/metrics" in banner
+    assert banner.count("/metrics") == 1, banner

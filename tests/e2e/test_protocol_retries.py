@@ -118,7 +118,12 @@ async def test_failures_are_counted_in_worker_stats(start):
     await worker.send("TASK_FAILED", taskId=task["id"], error="boom")
     await worker.expect("TASK_ASSIGNED")
     await master.send("GET_STATS")
-    stats = (await master.expect("STATS_UPDATE"))["stats"]
-    (entry,) = [w for w in stats["workers"] if w["id"] == worker_id]
+
+    # A STATS_UPDATE pushed before the failure may come first: skip such.
+    while True:
+        stats = (await master.expect("STATS_UPDATE"))["stats"]
+        (entry,) = [w for w in stats["workers"] if w["id"] == worker_id]
+        if entry["stats"]["failed"]:
+            break
     assert entry["stats"]["failed"] == 1
     assert entry["status"] == "busy"

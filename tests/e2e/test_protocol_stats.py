@@ -5,6 +5,7 @@ serverStats, STATS_UPDATE, GET_STATS and the HTTP pages on the WebSocket port.
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -145,14 +146,23 @@ async def test_status_page_serves_the_same_stats_as_get_stats(start):
         assert stats == expected
 
 
-async def test_root_serves_an_html_page_that_polls_status(start):
-    """GET / returns an HTML page that reads /status."""
+async def test_root_serves_the_status_page_and_everything_it_loads(start):
+    """GET / is an HTML page; each script and stylesheet it names is served."""
     clients = await start()
     status, headers, body = await fetch(clients.url, "/")
     assert status == 200
     assert header(headers, "Content-Type").startswith("text/html")
-    assert b"/status" in body
     assert b"<html" in body.lower()
+
+    assets = re.findall(r'(?:src|href)="(/static/[^"]+)"', body.decode())
+    assert any(asset.endswith(".js") for asset in assets), assets
+    for asset in assets:
+        status, headers, body = await fetch(clients.url, asset)
+        assert status == 200, asset
+        assert body, asset
+        expected = "text/css" if asset.endswith(".css") else "text/javascript"
+        if asset.endswith((".css", ".js")):
+            assert header(headers, "Content-Type").startswith(expected), asset
 
 
 @pytest.mark.parametrize("path", ["/healthz", "/readyz"])
@@ -171,14 +181,17 @@ async def test_unknown_path_is_404(start):
 
 
 async def test_metrics_are_served_as_prometheus_text(start):
-    """GET /metrics returns Prometheus text with linkup_bridge_ metrics."""
+    """GET /metrics returns Prometheus text with the bridge's own metrics."""
     clients = await start()
     worker, _ = await clients.worker()
     await get_stats(worker)
     status, headers, body = await fetch(clients.url, "/metrics")
     assert status == 200
     assert header(headers, "Content-Type").startswith("text/plain")
-    assert "linkup_bridge_" in body.decode()
+    text = body.decode()
+    assert 'linkup_websocket_connections{role="worker"} 1.0' in text
+    assert 'linkup_websocket_messages_received_total{type="GET_STATS"} 1.0' in text
+    assert "linkup_core_link_up 1.0" in text
 
 
 async def test_http_and_websockets_share_the_port(start):
