@@ -39,6 +39,12 @@ _CONTENT_TYPES = {
 }
 
 
+_CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; img-src 'self' data:; connect-src 'self'; "
+    "object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
+)
+
+
 def _load_static() -> dict[str, tuple[bytes, str]]:
     # Every file the page needs, read once at start, by the path it is served
     # at: a request can only ever name one of these, never another file.
@@ -108,6 +114,10 @@ def _response(status: http.HTTPStatus, body: bytes, content_type: str) -> Respon
             ("Cache-Control", "no-store"),
             # The first server let any page read /status; keep that.
             ("Access-Control-Allow-Origin", "*"),
+            # The status page shows client-supplied filenames. It writes them
+            # as text; should markup slip in anyway, nothing but the bridge's
+            # own files may run or load.
+            ("Content-Security-Policy", _CONTENT_SECURITY_POLICY),
         ]
     )
     return Response(status.value, status.phrase, headers, body)

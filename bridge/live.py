@@ -84,6 +84,9 @@ class LiveStatus:
                 await sender
             self._viewers.discard(outbox)
             if not self._viewers:
+                # No fresh views come while nobody watches: the next page
+                # must wait for one rather than be shown an old one as live.
+                self._view = None
                 self._watch(False)
 
     def on_view(self, view: dict[str, Any]) -> None:

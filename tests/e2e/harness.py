@@ -143,6 +143,24 @@ FAST_LINK = ("--heartbeat-interval", "0.2", "--link-timeout", "1")
 NOTICE_WITHIN = 5 * UNIT
 
 
+async def eventually(check: Any, what: str, timeout: float = NOTICE_WITHIN) -> Any:
+    """
+    Poll the async ``check`` until it returns something truthy, and return it;
+    fail after ``timeout`` naming ``what`` and the last answer.
+
+    For state that announces no change, such as a metric.
+
+    """
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = await check()
+        if last:
+            return last
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{what} not within {timeout}s; last: {last}")
+
+
 async def wait_for_close(plugin: Plugin, timeout: float = NOTICE_WITHIN) -> int | None:
     """
     Read until the server closes ``plugin``'s connection; return its close code.

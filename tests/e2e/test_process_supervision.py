@@ -25,6 +25,7 @@ from tests.e2e.harness import (
     Plugin,
     Process,
     create_session,
+    eventually,
     http_get,
     read_stdout_until,
     register_worker,
@@ -55,20 +56,6 @@ def _wait_for_any_log(
                 return text
         time.sleep(0.05)
     raise AssertionError(f"none of {texts!r} in {process.name} log:\n{process.log()}")
-
-
-async def _eventually(
-    check: Any, what: str, timeout: float = NOTICE_WITHIN
-) -> dict[str, Any]:
-    # Poll an async check until it returns something truthy.
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = await check()
-        if last:
-            return last
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"{what} not within {timeout}s; last: {last}")
 
 
 def _one_file(name: str, data: bytes) -> dict[str, Any]:
@@ -246,7 +233,7 @@ async def test_core_drops_a_killed_bridge_and_requeues_its_task_elsewhere(
         assert status == 200, stats
         return stats if stats["workerCount"] == 1 else None
 
-    stats = await _eventually(only_worker_b_left, "workerCount 1 on bridge B")
+    stats = await eventually(only_worker_b_left, "workerCount 1 on bridge B")
     assert [worker["id"] for worker in stats["workers"]] == [id_b]
 
     # The task A's worker held is handed to B's worker, intact.

@@ -153,6 +153,8 @@ async def test_root_serves_the_status_page_and_everything_it_loads(start):
     assert status == 200
     assert header(headers, "Content-Type").startswith("text/html")
     assert b"<html" in body.lower()
+    assert "script-src" not in header(headers, "Content-Security-Policy")
+    assert "default-src 'self'" in header(headers, "Content-Security-Policy")
 
     assets = re.findall(r'(?:src|href)="(/static/[^"]+)"', body.decode())
     assert any(asset.endswith(".js") for asset in assets), assets

@@ -13,7 +13,13 @@ import orjson
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
-from tests.e2e.harness import TIMEOUT, create_session, http_get, register_worker
+from tests.e2e.harness import (
+    TIMEOUT,
+    create_session,
+    eventually,
+    http_get,
+    register_worker,
+)
 from tests.e2e.protocol_helpers import make_task, submit
 
 pytestmark = pytest.mark.usefixtures("close_plugins")
@@ -101,3 +107,23 @@ async def test_a_page_that_sends_junk_is_ignored(deployment):
         _, worker_id = await register_worker(url)
         seen = await next_view(feed, lambda view: len(view["workers"]) == 1)
         assert seen["workers"][0]["id"] == worker_id
+
+
+async def test_a_page_opened_later_is_not_shown_an_old_view(deployment):
+    """What changed while no page was open is in the first view a new page gets."""
+    _, port = deployment.linkup()
+    url = f"ws://127.0.0.1:{port}"
+    async with connect(f"{url}/status/live") as feed:
+        await next_view(feed, lambda view: True)
+
+    async def no_viewer() -> bool:
+        return (
+            await metric(port, "linkup_status_viewers") == "linkup_status_viewers 0.0"
+        )
+
+    await eventually(no_viewer, "the page's close noticed")
+
+    _, worker_id = await register_worker(url)
+    async with connect(f"{url}/status/live") as feed:
+        first = orjson.loads(await asyncio.wait_for(feed.recv(), TIMEOUT))
+        assert [worker["id"] for worker in first["workers"]] == [worker_id]
