@@ -45,8 +45,7 @@ from typing import Any
 import pytest
 
 from tests.e2e.chaos_clients import RESULTS, Master, WorkerFleet, WorkerProcess
-from tests.e2e.conftest import Deployment
-from tests.e2e.harness import FAST_LINK, UNIT, Process, http_get, wait_ready
+from tests.e2e.harness import FAST_LINK, UNIT, Deployment, Process, http_get, wait_ready
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

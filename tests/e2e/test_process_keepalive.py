@@ -18,8 +18,7 @@ import pytest
 
 from bridge.keepalive import CLOSE_KEEPALIVE
 from bridge.server import CLOSE_TIMEOUT
-from tests.e2e.conftest import Deployment
-from tests.e2e.harness import TIMEOUT, UNIT, Process
+from tests.e2e.harness import TIMEOUT, UNIT, Deployment, Process
 from tests.e2e.protocol_helpers import Clients, make_task, submit
 from tests.e2e.raw_clients import RawClient, client_number, wait_for_log
 

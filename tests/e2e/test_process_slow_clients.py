@@ -18,8 +18,7 @@ import pytest
 
 from bridge.outbox import CLOSE_TOO_SLOW
 from bridge.server import CLOSE_TIMEOUT
-from tests.e2e.conftest import Deployment
-from tests.e2e.harness import TIMEOUT, UNIT, Process
+from tests.e2e.harness import TIMEOUT, UNIT, Deployment, Process
 from tests.e2e.protocol_helpers import (
     Clients,
     Upload,

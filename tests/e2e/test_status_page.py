@@ -28,8 +28,7 @@ from playwright.async_api import (
     expect,
 )
 
-from tests.e2e.conftest import Deployment
-from tests.e2e.harness import UNIT, Plugin, free_port, wait_ready
+from tests.e2e.harness import UNIT, Deployment, Plugin, free_port, wait_ready
 from tests.e2e.protocol_helpers import (
     heartbeat,
     in_background,
