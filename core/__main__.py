@@ -312,15 +312,33 @@ def port_or_zero(text: str) -> int:
     return 0 if text.strip() == "0" else port_number(text)
 
 
-def _raise_keyboard_interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
+class _StopOnce:
+    """
+    A handler for SIGINT and SIGTERM that interrupts the core once.
+
+    Ctrl-C reaches the whole process group, and then `linkup` sends SIGTERM
+    too: the second signal, even one already pending when the first is
+    handled, must not interrupt the cleanup that the first started.
+
+    """
+
+    def __init__(self) -> None:
+        self.stopping = False
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        if self.stopping:
+            return
+        self.stopping = True
+        raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level)
     return_large_buffers_promptly()
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    stop_once = _StopOnce()
+    signal.signal(signal.SIGINT, stop_once)
+    signal.signal(signal.SIGTERM, stop_once)
 
     try:
         store, spool = open_storage(args)
@@ -385,10 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        # A second signal (Ctrl-C reaches the whole process group, then
-        # `linkup` sends SIGTERM) must not interrupt the cleanup.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        stop_once.stopping = True
         server.close()
         context.term()
         if metrics is not None:
