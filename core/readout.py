@@ -22,6 +22,9 @@ __all__ = ["Census", "ThroughputHistory", "census", "view"]
 #: counted, so that a page stays small however many come.
 MAX_LISTED_WORKERS = 500
 MAX_LISTED_SESSIONS = 50
+#: Filenames come from clients and may be any length; a page shows this many
+#: characters at most, so that a view stays small whatever the names.
+MAX_SHOWN_FILENAME = 200
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,9 +89,9 @@ def view(scheduler: Scheduler, now: float) -> dict[str, Any]:
     sessions = [_session_view(s) for s in ordered[:MAX_LISTED_SESSIONS]]
 
     counters = scheduler.counters
-    pending = scheduler.pending_count
+    counted = census(scheduler, now)
     return {
-        "queue": {"pending": pending, "active": len(scheduler.tasks) - pending},
+        "queue": counted.tasks,
         "totals": {
             "submitted": counters.tasks_submitted,
             "completed": counters.tasks_completed,
@@ -98,8 +101,10 @@ def view(scheduler: Scheduler, now: float) -> dict[str, Any]:
         },
         "workers": workers,
         "workersOmitted": len(claimed) - len(workers),
+        "workerStates": counted.workers,
         "sessions": sessions,
         "sessionsOmitted": len(ordered) - len(sessions),
+        "sessionStates": counted.sessions,
     }
 
 
@@ -116,9 +121,15 @@ def _worker_view(scheduler: Scheduler, worker: Worker, now: float) -> dict[str, 
         "completed": worker.completed,
         "failed": worker.failed,
         "totalBytes": worker.total_bytes,
-        "file": task.spec.filename if held and task else None,
+        "file": _shortened(task.spec.filename) if held and task else None,
         "fileSize": task.spec.size if held and task else None,
     }
+
+
+def _shortened(filename: str) -> str:
+    if len(filename) <= MAX_SHOWN_FILENAME:
+        return filename
+    return filename[: MAX_SHOWN_FILENAME - 1] + "\u2026"
 
 
 def _session_view(session: Session) -> dict[str, Any]:

@@ -322,8 +322,8 @@
     renderQueue(view.queue || {});
     renderTotals(view.totals || {});
     renderLinks(thisBridge, links.bridges || []);
-    renderSessions(view.sessions || [], view.sessionsOmitted || 0);
-    renderWorkers(view.workers || [], view.workersOmitted || 0);
+    renderSessions(view.sessions || [], view.sessionsOmitted || 0, view.sessionStates);
+    renderWorkers(view.workers || [], view.workersOmitted || 0, view.workerStates);
     renderChart(view.throughput);
     renderFooter();
   }
@@ -371,10 +371,13 @@
     );
   }
 
-  function renderSessions(sessions, omitted) {
-    const running = sessions.filter((s) => s.state === "open" || s.state === "paused");
+  // states: counts of all sessions by state, listed or not.
+  function renderSessions(sessions, omitted, states) {
+    const running = states
+      ? (states.open || 0) + (states.paused || 0)
+      : sessions.filter((s) => s.state === "open" || s.state === "paused").length;
     $("sessions-summary").textContent = sessions.length
-      ? t("sessionsSummary", { running: running.length })
+      ? t("sessionsSummary", { running: formatNumber(running) })
       : "";
     const list = $("sessions");
     if (!sessions.length) {
@@ -435,11 +438,17 @@
     return row;
   }
 
-  function renderWorkers(workers, omitted) {
+  // states: counts of all workers by state, listed or not.
+  function renderWorkers(workers, omitted, states) {
     const counts = { busy: 0, idle: 0, resting: 0 };
-    for (const worker of workers) {
-      if (worker.state in counts) counts[worker.state] += 1;
+    if (states) {
+      for (const state of Object.keys(counts)) counts[state] = states[state] || 0;
+    } else {
+      for (const worker of workers) {
+        if (worker.state in counts) counts[worker.state] += 1;
+      }
     }
+    for (const state of Object.keys(counts)) counts[state] = formatNumber(counts[state]);
     $("workers-summary").textContent = workers.length ? t("workersSummary", counts) : "";
     const body = $("workers");
     if (!workers.length) {
@@ -462,9 +471,10 @@
     const fileCell = cell("file-cell", undefined, "colFile");
     const file = element("div", "file");
     if (worker.file != null) {
-      const name = element("span", "file-name", worker.file);
+      const shown = withoutDirectionControls(worker.file);
+      const name = element("span", "file-name", shown);
       name.dataset.testid = "worker-file";
-      name.title = worker.file;
+      name.title = shown;
       file.append(name);
       if (worker.fileSize != null) {
         file.append(element("span", "file-size", formatBytes(worker.fileSize)));
@@ -483,6 +493,12 @@
       fileCell,
     );
     return row;
+  }
+
+  // A filename may hold Unicode direction controls (U+202E turns
+  // "gpj.exe" into what reads as "exe.jpg"): show each as a visible mark.
+  function withoutDirectionControls(text) {
+    return text.replace(/[\u200E\u200F\u202A-\u202E\u2066-\u2069]/g, "\uFFFD");
   }
 
   // A table cell; labelKey labels it on a phone, where the header is hidden.
@@ -512,7 +528,12 @@
       : "";
     // Open but silent for too long: show the numbers as old, as when offline.
     const silent = lastView && (Date.now() - lastViewAt) / 1000 > STALE_AFTER_S;
-    $("main").classList.toggle("stale", connection !== "live" || Boolean(silent));
+    // Without its core, the bridge only repeats the last view it had.
+    const coreLost = lastView?.links?.thisBridge?.coreLink === false;
+    $("main").classList.toggle(
+      "stale",
+      connection !== "live" || Boolean(silent) || coreLost,
+    );
   }
 
   // ---- Throughput chart --------------------------------------------------

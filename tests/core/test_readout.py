@@ -16,7 +16,13 @@ from prometheus_client import CollectorRegistry
 from core.errors import ERROR_CODES
 from core.model import Measure, TaskSpec
 from core.observer import READOUT_INTERVAL, VIEW_REFRESH, LinkedBridge, Observer
-from core.readout import MAX_LISTED_SESSIONS, ThroughputHistory, census, view
+from core.readout import (
+    MAX_LISTED_SESSIONS,
+    MAX_SHOWN_FILENAME,
+    ThroughputHistory,
+    census,
+    view,
+)
 from core.scheduler import Scheduler
 from core.spool import MemorySpool
 from core.store import SqliteStore
@@ -253,3 +259,18 @@ def test_observer_sends_a_view_only_when_watched_and_changed(store):
 
     # Unchanged, but a page must be able to tell a quiet core from a lost one.
     assert observer.read(1.5 + VIEW_REFRESH, quiet, watched=True) is not None
+
+
+def test_view_cuts_long_filenames_and_counts_every_state():
+    s, _, _ = scheduler_with_session(100)
+    s.submit_tasks(MASTER, next(iter(s.sessions)), [spec("x" * 10_000)], 0.0)
+    s.register_worker(W1, 1.0)
+    s.register_worker(W2, 1.0)
+
+    shown = view(s, 1.0)
+
+    files = sorted(worker["file"] for worker in shown["workers"])
+    assert files[0] == "f0.png"
+    assert files[1] == "x" * (MAX_SHOWN_FILENAME - 1) + "\u2026"
+    assert shown["workerStates"] == {"idle": 0, "busy": 2, "resting": 0}
+    assert shown["sessionStates"] == {"open": 1, "paused": 0, "ended": 0}
