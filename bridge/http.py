@@ -9,6 +9,7 @@ goes on to the handshake, where the bridge tells the status page's feed
 
 from __future__ import annotations
 
+import dataclasses
 import email.utils
 import http
 from importlib import resources
@@ -20,6 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
+from bridge.live import LIVE_PATH
 from core.errors import Unavailable
 
 if TYPE_CHECKING:
@@ -72,10 +74,31 @@ async def respond(bridge: Bridge, request: Request) -> Response | None:
     Answer a plain HTTP request, or return None to go on with a WebSocket.
 
     """
+    path = urlsplit(request.path).path
     if request.headers.get("Upgrade", "").lower() == "websocket":
+        if path == LIVE_PATH and not _same_origin(request.headers):
+            # Another site open in a LAN user's browser must not read what
+            # is being uploaded; plugins and other tools send no such Origin.
+            return _json(http.HTTPStatus.FORBIDDEN, {"error": "cross-origin page"})
         return None
 
-    path = urlsplit(request.path).path
+    if request.method not in ("GET", "HEAD"):
+        return _json(http.HTTPStatus.METHOD_NOT_ALLOWED, {"error": "only GET and HEAD"})
+    response = await _answer(bridge, path)
+    if request.method == "HEAD":
+        # Same headers, Content-Length included; no body.
+        response = dataclasses.replace(response, body=b"")
+    return response
+
+
+def _same_origin(headers: Headers) -> bool:
+    origin = headers.get("Origin")
+    if origin is None:
+        return True
+    return urlsplit(origin).netloc.lower() == headers.get("Host", "").lower()
+
+
+async def _answer(bridge: Bridge, path: str) -> Response:
     if path == "/status":
         try:
             stats = await bridge.fetch_stats()

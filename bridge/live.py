@@ -35,6 +35,9 @@ LIVE_PATH = "/status/live"
 
 #: A view is tens of KB; a page that falls this far behind is closed.
 MAX_VIEWER_BYTES = 4 * 1024 * 1024
+#: A page sends nothing; this much is allowed so that nobody can make the
+#: bridge buffer a plugin-sized message only to drop it.
+MAX_PAGE_MESSAGE = 4096
 
 
 class LiveStatus:
@@ -64,6 +67,8 @@ class LiveStatus:
         Feed one page until it goes away.
 
         """
+        # Read by websockets before each frame, so it applies from here on.
+        websocket.protocol.max_message_size = MAX_PAGE_MESSAGE
         outbox = Outbox(MAX_VIEWER_BYTES)
         self._viewers.add(outbox)
         if len(self._viewers) == 1:

@@ -255,11 +255,12 @@ class Bridge:
             next(self._numbers), websocket, Outbox(self.options.max_outbox_bytes)
         )
         self._clients[client.number] = client
+        # The path only: a query string may carry what a user meant as secret.
         logger.info(
             "client connected client=%d remote=%s path=%s",
             client.number,
             _remote(websocket),
-            websocket.request.path if websocket.request else "?",
+            urlsplit(websocket.request.path).path if websocket.request else "?",
         )
         sender = asyncio.create_task(self._send_loop(client))
         try:

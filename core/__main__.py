@@ -17,7 +17,6 @@ from pathlib import Path
 from types import FrameType
 
 import zmq
-from prometheus_client import start_http_server
 
 from core.errors import ERROR_CODES
 from core.scheduler import (
@@ -47,6 +46,7 @@ from linkup.logs import add_log_level_option, configure_logging
 from linkup.memory import return_large_buffers_promptly
 from metrics.build import new_registry
 from metrics.core import CoreMetrics
+from metrics.serve import MetricsServer
 
 # Refuse to start with less free space than this in the data dir: a core
 # that fills the disk mid-batch can only refuse files.
@@ -309,7 +309,12 @@ def port_number(text: str) -> int:
 
 
 def port_or_zero(text: str) -> int:
-    return 0 if text.strip() == "0" else port_number(text)
+    if text.strip() == "0":
+        return 0
+    try:
+        return port_number(text)
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"{exc} (or 0 for none)") from None
 
 
 class _StopOnce:
@@ -358,10 +363,10 @@ def main(argv: list[str] | None = None) -> int:
         registry = new_registry("core")
         metrics = CoreMetrics(registry, lambda: scheduler.counters, ERROR_CODES)
         try:
-            # prometheus-client serves from a thread of its own; see
-            # metrics.core for what it reads.
-            metrics_server, _ = start_http_server(
-                args.metrics_port, args.metrics_host, registry
+            # Served from a thread of its own; see metrics.core for what it
+            # reads.
+            metrics_server = MetricsServer(
+                registry, args.metrics_host, args.metrics_port
             )
         except OSError as exc:
             store.close()
@@ -407,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
         server.close()
         context.term()
         if metrics is not None:
-            metrics_server.shutdown()
+            metrics_server.close()
     return 0
 
 

@@ -110,7 +110,19 @@ def main(argv: list[str] | None = None) -> int:
         )
     metrics_port = args.core_metrics_port
     if metrics_port is None:
-        metrics_port = port + 2 if port + 2 < 65536 else 0
+        if port + 2 > 65535:
+            parser.exit(
+                1,
+                f"linkup: port {port} leaves no room for the core's metrics on "
+                "PORT+2; choose one with --core-metrics-port, or 0 for none\n",
+            )
+        metrics_port = port + 2
+    if metrics_port == port:
+        parser.exit(
+            1,
+            f"linkup: --core-metrics-port {metrics_port} is the bridge's port; "
+            "choose another, or 0 for none\n",
+        )
     if metrics_port and not _port_is_free(args.host, metrics_port):
         parser.exit(
             1,

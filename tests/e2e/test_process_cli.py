@@ -255,6 +255,8 @@ def test_help_lists_the_options(command, options):
         ("linkup-bridge", ["--log-level", "LOUD"], "--log-level"),
         ("linkup-core", ["--metrics-port", "70000"], "70000"),
         ("linkup", ["--core-metrics-port", "-1"], "--core-metrics-port"),
+        ("linkup", ["8080", "--core-metrics-port", "8080"], "the bridge's port"),
+        ("linkup", ["65534"], "--core-metrics-port"),
     ],
 )
 def test_a_bad_option_value_is_refused_with_a_clear_message(command, arguments, named):
