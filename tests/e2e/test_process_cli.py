@@ -4,6 +4,7 @@ The three commands as a user runs them: output, options, signals and errors.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import signal
@@ -11,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -80,6 +82,15 @@ def _wait_gone(processes: list[psutil.Process], timeout: float) -> None:
         time.sleep(0.05)
     alive = [" ".join(p.cmdline()) for p in processes if not _gone(p)]
     raise AssertionError(f"still running after {timeout}s: {alive}")
+
+
+@contextlib.contextmanager
+def taken_port() -> Iterator[int]:
+    """A loopback port that something listens on while the block runs."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        yield taken.getsockname()[1]
 
 
 def _port_is_free(port: int) -> bool:
@@ -269,10 +280,7 @@ def test_a_bad_option_value_is_refused_with_a_clear_message(command, arguments, 
 
 def test_linkup_exits_with_a_message_when_its_port_is_taken():
     """A port in use: linkup exits non-zero with a message, without hanging."""
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
+    with taken_port() as port:
         result = _run("linkup", str(port), "--host", "127.0.0.1")
     assert result.returncode != 0
     assert str(port) in result.stderr
@@ -293,10 +301,7 @@ def test_a_second_linkup_on_the_same_port_refuses_to_start(deployment):
 
 def test_linkup_bridge_exits_with_a_message_when_its_port_is_taken():
     """A port in use: linkup-bridge exits non-zero with a message, no hang."""
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
+    with taken_port() as port:
         result = _run("linkup-bridge", "--port", str(port), "--host", "127.0.0.1")
     assert result.returncode != 0
     assert str(port) in result.stderr
@@ -305,10 +310,7 @@ def test_linkup_bridge_exits_with_a_message_when_its_port_is_taken():
 
 def test_linkup_core_exits_with_a_message_when_its_endpoint_is_taken():
     """An endpoint in use: linkup-core exits non-zero with a message, no hang."""
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
+    with taken_port() as port:
         result = _run("linkup-core", "--bind", f"tcp://127.0.0.1:{port}")
     assert result.returncode != 0
     assert str(port) in result.stderr
@@ -317,10 +319,7 @@ def test_linkup_core_exits_with_a_message_when_its_endpoint_is_taken():
 
 def test_linkup_core_exits_with_a_message_when_its_metrics_port_is_taken(tmp_path):
     """A metrics port in use: linkup-core says which and exits, no traceback."""
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
+    with taken_port() as port:
         result = _run(
             "linkup-core",
             "--bind",
@@ -339,10 +338,7 @@ def test_linkup_core_exits_with_a_message_when_its_metrics_port_is_taken(tmp_pat
 
 def test_linkup_refuses_a_taken_core_metrics_port_before_starting():
     """linkup checks the core's metrics port first: no banner, a clear message."""
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
+    with taken_port() as port:
         result = _run(
             "linkup",
             str(free_port()),

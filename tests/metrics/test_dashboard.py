@@ -270,21 +270,12 @@ def test_quantiles_come_from_the_rate_of_histogram_buckets(dashboard, exposed):
 
 
 def test_example_prometheus_config_passes_promtool():
-    promtool = require_tool("promtool")
-    checked = subprocess.run(
-        [promtool, "check", "config", str(PROMETHEUS_CONFIG)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert checked.returncode == 0, checked.stdout + checked.stderr
-    assert "SUCCESS" in checked.stdout, checked.stdout + checked.stderr
+    output = promtool_check("config", PROMETHEUS_CONFIG)
+    assert "SUCCESS" in output, output
 
 
 def test_every_query_parses_as_promql(dashboard, tmp_path: Path):
     """Each panel's expr, as a recording rule, passes `promtool check rules`."""
-    promtool = require_tool("promtool")
     all_queries = queries(dashboard)
     rules = [
         {
@@ -298,8 +289,15 @@ def test_every_query_parses_as_promql(dashboard, tmp_path: Path):
     # JSON is YAML: no YAML writer needed.
     path = tmp_path / "dashboard-rules.yml"
     path.write_text(json.dumps({"groups": [{"name": "dashboard", "rules": rules}]}))
+    output = promtool_check("rules", path)
+    assert f"SUCCESS: {len(rules)} rules found" in output, output
+
+
+def promtool_check(what: str, path: Path) -> str:
+    """Run `promtool check WHAT PATH`, require success, return what it said."""
+    promtool = require_tool("promtool")
     checked = subprocess.run(
-        [promtool, "check", "rules", str(path)],
+        [promtool, "check", what, str(path)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -307,7 +305,7 @@ def test_every_query_parses_as_promql(dashboard, tmp_path: Path):
     )
     output = checked.stdout + checked.stderr
     assert checked.returncode == 0, output
-    assert f"SUCCESS: {len(rules)} rules found" in output, output
+    return output
 
 
 # Provisioning files.
