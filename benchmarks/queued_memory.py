@@ -854,6 +854,27 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Params, Path | None, Path]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     params, data_dir_option, output = parse_args(argv)
+    report = run_benchmark(params, data_dir_option)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=1) + "\n")
+    print(_table(report))
+    print(f"\nwritten to {output}")
+    if report["errors"]:
+        print("\nFAILED:", file=sys.stderr)
+        for error in report["errors"]:
+            print(f"  {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run_benchmark(
+    params: Params, data_dir_option: Path | None = None
+) -> dict[str, Any]:
+    """
+    Start linkup, run both phases, stop it; the report (``ok``, ``errors``,
+    ``results``, ``rss_series``...). Also called by ``python -m benchmarks``.
+
+    """
     files = plan_files(params.total, params.file_size)
     messages = plan_messages(files, params.message_size)
     run = Run(params)
@@ -896,7 +917,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     try:
         wait_ready(port, linkup)
-        core, bridge = _linkup_children(linkup.pid)
+        core, bridge = linkup_children(linkup.pid)
         sampler = RssSampler(core, bridge, SAMPLE_INTERVAL)
         sampler.start()
 
@@ -982,17 +1003,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with contextlib.suppress(OSError):
             work_dir.rmdir()
 
-    report = _report(run, files, messages, sampler, max_message_size, data_dir_option)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(report, indent=1) + "\n")
-    print(_table(report))
-    print(f"\nwritten to {output}")
-    if run.errors:
-        print("\nFAILED:", file=sys.stderr)
-        for error in run.errors:
-            print(f"  {error}", file=sys.stderr)
-        return 1
-    return 0
+    return _report(run, files, messages, sampler, max_message_size, data_dir_option)
 
 
 def _wait_for(
@@ -1233,7 +1244,8 @@ def _table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _linkup_children(pid: int) -> tuple[psutil.Process, psutil.Process]:
+def linkup_children(pid: int) -> tuple[psutil.Process, psutil.Process]:
+    """The core and the bridge that the launcher ``pid`` started."""
     found: dict[str, psutil.Process] = {}
     for child in psutil.Process(pid).children(recursive=True):
         command = child.cmdline()
