@@ -65,10 +65,13 @@ logger = logging.getLogger("linkup.core.server")
 # beyond the machine must be a deliberate choice.
 DEFAULT_BIND = "tcp://127.0.0.1:9528"
 
-# One second between heartbeats and three missed ones, as the Paranoid Pirate
-# pattern suggests for a LAN: a lost peer is noticed within a few seconds.
+# One second between heartbeats. A peer that dies is noticed at once (its
+# connection drops); silence only tells of a hung one, so the timeout can be
+# generous. It must be: websockets takes a message of the largest size a
+# plugin may send (1 GiB) out of its buffer and unmasks it in one go, which
+# holds a bridge's loop for seconds on a slow machine (docs/performance.md).
 DEFAULT_HEARTBEAT_INTERVAL = 1.0
-DEFAULT_LINK_TIMEOUT = 3.0
+DEFAULT_LINK_TIMEOUT = 10.0
 
 # WebSocket close code for clients the core drops (4000-4999: private use).
 CLOSE_DROPPED = 4000
