@@ -22,10 +22,12 @@ import argparse
 import datetime
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from types import FrameType
 
 from benchmarks.report import build_report, table
 from benchmarks.runner import run_suite
@@ -70,8 +72,28 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _stop(signum: int, frame: FrameType | None) -> None:
+    # As Ctrl-C does: every process and directory the run started is cleaned
+    # up on the way out (a CI job cancelled, `timeout`, a closed terminal).
+    raise KeyboardInterrupt
+
+
+def _check_writable(path: Path, option: str) -> None:
+    # Found out now, not after minutes of measuring.
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        sys.exit(f"python -m benchmarks: {option} {path}: {exc}")
+    if not os.access(path.parent, os.W_OK):
+        sys.exit(f"python -m benchmarks: {option} {path}: directory not writable")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    _check_writable(args.output, "--output")
+    _check_writable(args.chart, "--chart")
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGHUP, _stop)
     names = args.scenario or scenario_names()
     started_at = datetime.datetime.now().astimezone()
     started = time.monotonic()
@@ -81,15 +103,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         results, args.quick, started_at, time.monotonic() - started, load_before
     )
 
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=1) + "\n")
-    # Imported here: matplotlib takes a second to load, and a failed run
-    # should still have written its JSON.
-    from benchmarks.chart import draw_chart
-
-    draw_chart(report, args.chart)
+    # The figures first: whatever fails after, they are not lost.
     print(table(report))
-    print(f"\nwritten to {args.output} and {args.chart}", file=sys.stderr)
+    args.output.write_text(json.dumps(report, indent=1) + "\n")
+    try:
+        # Imported here: matplotlib takes a second to load.
+        from benchmarks.chart import draw_chart
+    except ImportError:
+        print(
+            f"\nwritten to {args.output}; no chart: matplotlib is missing "
+            "(pip install -e '.[bench]')",
+            file=sys.stderr,
+        )
+    else:
+        draw_chart(report, args.chart)
+        print(f"\nwritten to {args.output} and {args.chart}", file=sys.stderr)
     if not report["ok"]:
         print("\nFAILED:", file=sys.stderr)
         for error in report["errors"]:

@@ -223,7 +223,8 @@ def _summarize(
         "results_verified": verified,
         "payload_bytes": load.payload_bytes,
         "seconds": _round(seconds),
-        "tasks_per_s": _round(load.files / seconds if seconds else None, 1),
+        # Not rounded to fewer digits than MB/s: ratios are taken of these.
+        "tasks_per_s": _round(load.files / seconds if seconds else None),
         "mb_per_s": _round(load.payload_bytes / 1e6 / seconds if seconds else None),
         "latency_ms": latency_summary(latencies),
         "peak_rss": measured.get("server", {}).get("peak_rss"),
