@@ -1257,14 +1257,19 @@ def linkup_children(pid: int) -> tuple[psutil.Process, psutil.Process]:
     return found["core"], found["bridge"]
 
 
-def _stop_linkup(linkup: subprocess.Popen[bytes]) -> None:
-    if linkup.poll() is None:
-        linkup.send_signal(signal.SIGTERM)
+def stop_process(process: subprocess.Popen[bytes], timeout: float) -> None:
+    """SIGTERM ``process``, and SIGKILL it if it is still there after ``timeout``."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
     try:
-        linkup.wait(STOP_TIMEOUT)
+        process.wait(timeout)
     except subprocess.TimeoutExpired:
-        linkup.kill()
-        linkup.wait()
+        process.kill()
+        process.wait()
+
+
+def _stop_linkup(linkup: subprocess.Popen[bytes]) -> None:
+    stop_process(linkup, STOP_TIMEOUT)
 
 
 if __name__ == "__main__":

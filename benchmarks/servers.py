@@ -10,7 +10,6 @@ and is measured through psutil handles on the processes that do the work.
 from __future__ import annotations
 
 import contextlib
-import signal
 import subprocess
 import sys
 import tempfile
@@ -22,7 +21,12 @@ from typing import Any
 import psutil
 
 from benchmarks.processes import free_port, wait_ready
-from benchmarks.queued_memory import linkup_children, read_hwm, reset_hwm
+from benchmarks.queued_memory import (
+    linkup_children,
+    read_hwm,
+    reset_hwm,
+    stop_process,
+)
 
 __all__ = ["TARGETS", "ProcessMeter", "Target", "start_target"]
 
@@ -139,17 +143,7 @@ def start_target(
         finally:
             # Bridges before the core, as an operator would.
             for process in reversed(started):
-                _stop(process)
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(STOP_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+                stop_process(process, STOP_TIMEOUT)
 
 
 class ProcessMeter:

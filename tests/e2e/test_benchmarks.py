@@ -14,6 +14,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -104,29 +105,7 @@ def test_throughput_suite_quick_runs_and_reports(tmp_path: Path) -> None:
     """`--quick` exits 0, verifies every result and writes the JSON and the chart."""
     output = tmp_path / "throughput.json"
     chart = tmp_path / "throughput.png"
-    completed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks",
-            "--quick",
-            "--output",
-            str(output),
-            "--chart",
-            str(chart),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=240 * UNIT,
-        check=False,
-    )
-    assert completed.returncode == 0, (
-        f"exit status {completed.returncode}\nstdout:\n{completed.stdout}\n"
-        f"stderr:\n{completed.stderr}"
-    )
-
-    report = json.loads(output.read_text())
+    report = run_quick("benchmarks", output, "--chart", str(chart))
     assert report["ok"] is True
     assert report["errors"] == []
     assert report["quick"] is True
@@ -167,27 +146,7 @@ def test_throughput_suite_quick_runs_and_reports(tmp_path: Path) -> None:
 def test_queued_memory_quick_runs_and_reports(tmp_path: Path) -> None:
     """`--quick` exits 0 and writes a JSON report with the expected keys."""
     output = tmp_path / "queued_memory.json"
-    completed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks.queued_memory",
-            "--quick",
-            "--output",
-            str(output),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=240 * UNIT,
-        check=False,
-    )
-    assert completed.returncode == 0, (
-        f"exit status {completed.returncode}\nstdout:\n{completed.stdout}\n"
-        f"stderr:\n{completed.stderr}"
-    )
-
-    report = json.loads(output.read_text())
+    report = run_quick("benchmarks.queued_memory", output)
     assert report["ok"] is True
     assert report["errors"] == []
     assert {"machine", "parameters", "results", "rss_series"} <= report.keys()
@@ -223,3 +182,21 @@ def test_queued_memory_quick_runs_and_reports(tmp_path: Path) -> None:
     assert series["columns"][:4] == ["t_seconds", "core_rss", "bridge_rss", "sum_rss"]
     assert series["points"]
     assert all(len(point) == len(series["columns"]) for point in series["points"])
+
+
+def run_quick(module: str, output: Path, *options: str) -> dict[str, Any]:
+    """Run ``python -m MODULE --quick``, require success, return its JSON."""
+    completed = subprocess.run(
+        [sys.executable, "-m", module, "--quick", "--output", str(output), *options],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240 * UNIT,
+        check=False,
+    )
+    assert completed.returncode == 0, (
+        f"exit status {completed.returncode}\nstdout:\n{completed.stdout}\n"
+        f"stderr:\n{completed.stderr}"
+    )
+    report: dict[str, Any] = json.loads(output.read_text())
+    return report
