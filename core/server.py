@@ -65,11 +65,12 @@ logger = logging.getLogger("linkup.core.server")
 # beyond the machine must be a deliberate choice.
 DEFAULT_BIND = "tcp://127.0.0.1:9528"
 
-# One second between heartbeats. A peer that dies is noticed at once (its
-# connection drops); silence only tells of a hung one, so the timeout can be
-# generous. It must be: websockets takes a message of the largest size a
-# plugin may send (1 GiB) out of its buffer and unmasks it in one go, which
-# holds a bridge's loop for seconds on a slow machine (docs/performance.md).
+# One second between heartbeats. The core notices a bridge that dies at once
+# (its connection drops); a bridge notices a dead core by its silence, so a
+# shorter timeout would tell sooner, but it must be generous: websockets takes
+# a message of the largest size a plugin may send (1 GiB) out of its buffer
+# and unmasks it in one go, which holds a bridge's loop for seconds on a slow
+# machine (docs/performance.md), and the core must not give it up meanwhile.
 DEFAULT_HEARTBEAT_INTERVAL = 1.0
 DEFAULT_LINK_TIMEOUT = 10.0
 

@@ -14,6 +14,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
 from tests.e2e.harness import (
+    FAST_LINK,
     TIMEOUT,
     create_session,
     eventually,
@@ -77,8 +78,9 @@ async def test_a_page_sees_a_batch_move_as_it_happens(deployment):
 
 async def test_a_page_hears_when_its_bridge_loses_the_core(deployment):
     """The last view comes again, marked with the core link down."""
-    core, endpoint = deployment.core()
-    _, port = deployment.bridge(endpoint)
+    # A bridge notices a dead core by its silence: keep that short here.
+    core, endpoint = deployment.core(*FAST_LINK)
+    _, port = deployment.bridge(endpoint, *FAST_LINK)
 
     async with connect(f"ws://127.0.0.1:{port}/status/live") as feed:
         await next_view(feed, lambda view: view["links"]["thisBridge"]["coreLink"])
