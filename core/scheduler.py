@@ -33,6 +33,7 @@ Policy, in short (``docs/architecture.md`` has the long form):
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import logging
 from collections import OrderedDict
@@ -166,8 +167,15 @@ class Scheduler:
 
         self._sessions: dict[str, Session] = {}
         self._sessions_by_client: dict[ClientRef, list[str]] = {}
-        #: Open, attached sessions with pending tasks.
-        self._ready: dict[str, None] = {}
+        #: Open, attached sessions with pending tasks, each with the number
+        #: of its entry into this dict (the order of entry breaks ties).
+        self._ready: dict[str, int] = {}
+        self._entries = 0
+        #: The round-robin order of ready sessions: (last_served, entry,
+        #: session id), smallest first. Entries that no longer match the
+        #: session (served since, or left and entered again) are skipped
+        #: when they come up.
+        self._turns: list[tuple[int, int, str]] = []
         #: Assignments made so far: the round-robin clock.
         self._assignments = 0
 
@@ -966,15 +974,20 @@ class Scheduler:
         # one side runs out.
         while self._idle and self._ready:
             # Round-robin: the ready session served least recently goes next,
-            # a session never served before all others. Sessions are few, so
-            # a scan beats keeping a heap in step.
-            session_id = min(self._ready, key=self._last_served)
-            session = self._sessions[session_id]
+            # a session never served before all others, and among those the
+            # one that became ready first.
+            session = self._next_turn()
+            session_id = session.id
             task = self._tasks[session.pending.popleft()]
-            if not session.pending:
-                del self._ready[session_id]
             self._assignments += 1
             session.last_served = self._assignments
+            if session.pending:
+                heapq.heappush(
+                    self._turns,
+                    (session.last_served, self._ready[session_id], session_id),
+                )
+            else:
+                del self._ready[session_id]
             self._pending_count -= 1
 
             worker_id, _ = self._idle.popitem(last=False)
@@ -1019,8 +1032,16 @@ class Scheduler:
     def _attempt_deadline(self, now: float) -> float | None:
         return None if self.task_timeout is None else now + self.task_timeout
 
-    def _last_served(self, session_id: str) -> int:
-        return self._sessions[session_id].last_served
+    def _next_turn(self) -> Session:
+        # The ready session with the smallest (last_served, entry); there is
+        # one, as _ready is not empty.
+        turns = self._turns
+        while True:
+            last_served, entry, session_id = heapq.heappop(turns)
+            if self._ready.get(session_id) == entry:
+                session = self._sessions[session_id]
+                if session.last_served == last_served:
+                    return session
 
     def _requeue(self, task: Task, *, front: bool, now: float | None) -> None:
         # now is None for a task restored from the store: when it entered
@@ -1039,7 +1060,19 @@ class Scheduler:
 
     def _update_ready(self, session: Session) -> None:
         if session.pending and session.attached and not session.closed:
-            self._ready[session.id] = None
+            if session.id not in self._ready:
+                self._entries += 1
+                self._ready[session.id] = self._entries
+                turns = self._turns
+                if len(turns) > 2 * len(self._ready) + 64:
+                    # Mostly entries of sessions that left: start afresh.
+                    turns[:] = [
+                        (self._sessions[id_].last_served, entry, id_)
+                        for id_, entry in self._ready.items()
+                        if id_ != session.id
+                    ]
+                    heapq.heapify(turns)
+                heapq.heappush(turns, (session.last_served, self._entries, session.id))
         else:
             self._ready.pop(session.id, None)
 

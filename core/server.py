@@ -3,8 +3,9 @@ linkup-core's I/O shell: one ZeroMQ ROUTER socket driving the scheduler.
 
 The loop is synchronous on purpose: the core owns a single socket and a few
 timers, so ``zmq.Poller`` is all the event loop it needs. Each turn it waits
-for a link message or the next deadline, feeds the scheduler, and flushes the
-scheduler's output in one place (:meth:`CoreServer._flush`).
+for link messages or the next deadline, feeds the scheduler every message
+that is waiting, and flushes the scheduler's output in one place
+(:meth:`CoreServer._flush`): one commit and one burst of sends for the lot.
 
 Durability: before anything goes out, the turn's changes are written to the
 store (:mod:`core.store`), and submitted files are written to the spool
@@ -76,6 +77,21 @@ DEFAULT_LINK_TIMEOUT = 10.0
 
 # WebSocket close code for clients the core drops (4000-4999: private use).
 CLOSE_DROPPED = 4000
+
+# Link messages handled, at most, before their changes are stored (in one
+# transaction) and their output sent: a commit costs more than most messages.
+BATCH_MESSAGES = 64
+
+# Flags as plain ints: zmq's are enum.IntFlag members, and combining those on
+# every frame (as Socket.send_multipart does) costs more than the send.
+_SEND_MORE = int(zmq.SNDMORE | zmq.NOBLOCK)
+_SEND_LAST = int(zmq.NOBLOCK)
+_RECV_NOW = int(zmq.NOBLOCK)
+
+# Link commands handled in a batch: those that only feed the scheduler. Any
+# other is handled after a flush, as it may be answered by the shell at once,
+# and an answer must not overtake output of earlier messages.
+_BATCHED = frozenset({Command.HEARTBEAT, Command.CLIENT_MESSAGE, Command.CLIENT_GONE})
 
 
 @dataclass(slots=True)
@@ -171,23 +187,43 @@ class CoreServer:
             if self._poller.poll(round(timeout * 1000)):
                 if self._monitor.poll(0, zmq.POLLIN):
                     self._on_disconnect_event()
-                # Drain everything that is waiting before running timers.
-                while self._socket.poll(0, zmq.POLLIN):
-                    self._receive_one()
-                    self._flush()
+                self._receive_waiting()
             self._run_timers()
             self._flush()
 
-    def _receive_one(self) -> None:
+    def _receive_waiting(self) -> None:
+        # Drain everything that is waiting before running timers, flushing
+        # after every BATCH_MESSAGES messages and at the end: one commit and
+        # one burst of sends for many messages (group commit). Nothing is
+        # sent before the batch's changes are stored, as ever.
+        handled = 0
+        while self._receive_one():
+            handled += 1
+            if handled == BATCH_MESSAGES:
+                self._flush()
+                handled = 0
+        self._flush()
+
+    def _receive_one(self) -> bool:
         # In a function of its own so that the frames, a whole batch of files
         # perhaps, are freed on return rather than kept until the next one.
-        frames = self._socket.recv_multipart(copy=False)
+        socket = self._socket
+        try:
+            frame = socket.recv(_RECV_NOW, copy=False)
+        except zmq.Again:
+            return False
+        frames = [frame]
+        # The other parts of a message arrive with its first.
+        while frame.more:
+            frame = socket.recv(copy=False)
+            frames.append(frame)
         try:
             self._on_frames(frames)
         except Exception:
             # A bug, or a peer that speaks the protocol wrongly: lose this
             # message, never the core.
             logger.error("bug while handling a link message", exc_info=True)
+        return True
 
     def stop(self) -> None:
         """
@@ -276,6 +312,9 @@ class CoreServer:
             logger.warning("refused link message: %s", exc)
             return
 
+        if envelope.command not in _BATCHED:
+            # Answered at once, perhaps: after what earlier messages made.
+            self._flush()
         now = self._clock()
         bridge = self._bridges.get(routing_id)
         if envelope.command is Command.HELLO:
@@ -464,11 +503,9 @@ class CoreServer:
         try:
             if self._check_room is not None:
                 self._check_room(sum(len(payload) for payload in payloads))
-            for payload in payloads:
-                keys.append(self.spool.put(payload))
-                # Writing a large batch takes a while: bridges must not take
-                # the core's silence meanwhile for its loss.
-                self._heartbeat_due_bridges()
+            # All or nothing. Writing a large batch takes a while: bridges
+            # must not take the core's silence meanwhile for its loss.
+            keys = self.spool.put_many(payloads, self._heartbeat_due_bridges)
             specs = [
                 TaskSpec(
                     task["filename"], task["mimeType"], task["size"], key, len(payload)
@@ -486,11 +523,12 @@ class CoreServer:
     def _unspool(self, keys: list[str]) -> None:
         # A file that cannot be deleted only takes space; the next start
         # removes it as an orphan.
-        for key in keys:
-            try:
-                self.spool.delete(key)
-            except StorageError as exc:
-                logger.warning("cannot delete a spooled file key=%s: %s", key, exc)
+        if not keys:
+            return
+        try:
+            self.spool.delete_many(keys)
+        except StorageError as exc:
+            logger.warning("cannot delete %d spooled files: %s", len(keys), exc)
 
     def _forget_bridge(
         self, routing_id: bytes, now: float, *, lost: bool = True
@@ -566,6 +604,9 @@ class CoreServer:
             return (b"",)
 
     def _reply_error(self, client: ClientRef, code: str, message: str) -> None:
+        # After the output of the messages before this one, which may be for
+        # the same client. The refused request itself changed nothing.
+        self._flush()
         bridge_id, number = client
         self._send(
             bridge_id,
@@ -583,9 +624,22 @@ class CoreServer:
         header: dict[str, Any] | None = None,
         payloads: Sequence[Any] = (),
     ) -> None:
-        frames = [routing_id, *wire.encode(command, header, payloads)]
+        # What Socket.send_multipart does, without its per-frame overhead. The
+        # link's own frames are small and copied; payloads are sent without a
+        # copy (ZeroMQ copies those under its copy_threshold anyway).
+        send = self._socket.send
+        *head, last = wire.encode(command, header)
         try:
-            self._socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+            send(routing_id, _SEND_MORE)
+            for frame in head:
+                send(frame, _SEND_MORE)
+            if payloads:
+                send(last, _SEND_MORE)
+                for payload in payloads[:-1]:
+                    send(payload, _SEND_MORE, copy=False)
+                send(payloads[-1], _SEND_LAST, copy=False)
+            else:
+                send(last, _SEND_LAST)
         except zmq.ZMQError as exc:
             # With ROUTER_MANDATORY and no high-water mark, a send fails only
             # when the bridge has gone away: forget it and its clients now.

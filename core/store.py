@@ -7,9 +7,13 @@ After every turn of the scheduler the shell (:mod:`core.server`) does, in
 this order:
 
 1. ``changes = scheduler.take_changes()``;
-2. ``store.save(changes)``: one SQLite transaction, committed;
-3. ``spool.delete(key)`` for each of ``changes.freed_payloads``;
+2. ``store.save(changes)``: one SQLite transaction, committed; from then on
+   the small files of ended tasks (rows of ``payloads``) no longer count, and
+   a later save deletes them, many at a time;
+3. ``spool.delete_many(changes.freed_payloads)``: the files of their own;
 4. send the scheduler's messages.
+
+A turn may cover many link messages (group commit, :mod:`core.server`).
 
 So a master never hears ``TASKS_SUBMITTED`` for tasks a crash could lose, a
 worker never gets a task the store does not know it holds, and a spooled file
@@ -29,8 +33,18 @@ fsync per commit.
 :func:`open_data_dir` opens a data directory for one core::
 
     DIR/lock            flock held while the core runs; holds its pid
-    DIR/queue.sqlite3   the store (plus -wal and -shm files while open)
-    DIR/spool/          the files, one per task (core.spool.DiskSpool)
+    DIR/queue.sqlite3   the store (plus a -wal file while open), and the
+                        small files (table payloads)
+    DIR/spool/          the larger files, one per task (core.spool.DiskSpool)
+
+The lock keeps every other core out, so the database is opened with
+``locking_mode=EXCLUSIVE``: no file lock per transaction, no shared memory.
+
+The store is also the spool's :class:`core.spool.PayloadTable`: files under
+:data:`core.spool.INLINE_LIMIT` are rows of ``payloads``, inserted (and
+committed) by the spool before their tasks are saved, and deleted by
+:meth:`SqliteStore.save` after their tasks, in bulk. A row no stored task
+needs is an orphan, as a file is, and goes at the next start.
 """
 
 from __future__ import annotations
@@ -39,7 +53,7 @@ import fcntl
 import logging
 import os
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +71,7 @@ from core.model import (
     Worker,
 )
 from core.spool import (
+    Buffer,
     DiskSpool,
     MemorySpool,
     StorageError,
@@ -96,11 +111,32 @@ DEFAULT_MIN_FREE_BYTES = 64 * 2**20
 
 #: Bumped, with a migration in SqliteStore._migrate, whenever the schema
 #: changes. A core refuses a database with a newer version than it knows.
-SCHEMA_VERSION = 1
+#: 1: sessions, tasks, outcomes, workers. 2: adds payloads (small files);
+#: outcomes become a rowid table, in the order they were written.
+SCHEMA_VERSION = 2
 
 # The WAL file grows to hold the largest transaction (a big SUBMIT_TASKS) and
 # is reused, not shrunk, after each checkpoint; this caps what stays behind.
 _JOURNAL_SIZE_LIMIT = 16 * 2**20
+
+# Pages in the WAL before a checkpoint copies them into the database (SQLite's
+# default is 1000): a page written by many commits in between is copied once,
+# and each checkpoint costs two fsyncs. 4000 pages of 4 KiB stay within
+# _JOURNAL_SIZE_LIMIT.
+_WAL_AUTOCHECKPOINT = 4000
+
+# Small files come and go through the database, so its file grows to hold the
+# largest queue of them; pages they freed are given back to the file system
+# (incremental vacuum) once more than this many bytes of them are free. The
+# check is made after this many bytes of rows were deleted.
+_FREE_PAGES_KEPT = 16 * 2**20
+_VACUUM_CHECK_BYTES = 4 * 2**20
+
+# The rows of ended tasks' files are deleted this many at a time, in a later
+# save: deleting them one by one rewrites a page or more for each, in bulk
+# whole pages go at once. Until then they are orphans, which a restart also
+# deletes.
+_DELETE_ROWS_AT = 256
 
 # Sessions and workers keep a rowid so that load() returns them in the order
 # they were first stored; an upsert (ON CONFLICT DO UPDATE) keeps the rowid.
@@ -157,6 +193,50 @@ _SCHEMA = (
     """,
 )
 
+# Version 2.
+#
+# Outcomes: one is written for nearly every task, and sessions write theirs
+# side by side. Keyed by session, each session appended in a page of its own,
+# and the many pages rewritten made up a third of a commit; in the order
+# written, they all go to the last page. A session's are deleted by the range
+# of ids it wrote (SqliteStore._outcome_spans), so no index is needed.
+#
+# Payloads: the key of a row is its spool key read as a hexadecimal number.
+# The spool numbers rows in order (core.spool.DiskSpool), so a batch fills
+# pages at the end of the table and tasks ending in order empty pages at its
+# start: few pages written per file. A rowid table: a row of a WITHOUT ROWID
+# table spills to an overflow page beyond about 1000 bytes, a rowid table's
+# only beyond 4000.
+_SCHEMA_2 = (
+    """
+    CREATE TABLE outcomes_2 (
+        id INTEGER PRIMARY KEY,
+        session_id TEXT NOT NULL,
+        idx INTEGER NOT NULL,
+        message BLOB NOT NULL
+    )
+    """,
+    """
+    INSERT INTO outcomes_2 (session_id, idx, message)
+        SELECT session_id, idx, message FROM outcomes ORDER BY session_id, idx
+    """,
+    "DROP TABLE outcomes",
+    "ALTER TABLE outcomes_2 RENAME TO outcomes",
+    """
+    CREATE TABLE payloads (
+        id INTEGER PRIMARY KEY,
+        data BLOB NOT NULL
+    )
+    """,
+)
+
+#: The statements that bring a database of each version to the next one; a
+#: new database (version 0) goes through all of them.
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    0: _SCHEMA,
+    1: _SCHEMA_2,
+}
+
 _SESSION_COLUMNS = (
     "id",
     "master_bridge",
@@ -199,11 +279,23 @@ _LIVE_TASK_STATES = tuple(state.value for state in TaskState)
 _SQLITE_FULL = 13
 
 
-def _upsert(table: str, columns: Sequence[str], key: Sequence[str]) -> str:
-    """INSERT that updates the row in place if the key exists, keeping its rowid."""
+def _upsert(
+    table: str,
+    columns: Sequence[str],
+    key: Sequence[str],
+    fixed: Sequence[str] = (),
+) -> str:
+    """
+    INSERT that updates the row in place if the key exists, keeping its rowid.
+    Columns in ``fixed`` never change once inserted, and are not updated: an
+    index on them then needs no write.
+
+    """
     names = ", ".join(columns)
     marks = ", ".join("?" for _ in columns)
-    updates = ", ".join(f"{c} = excluded.{c}" for c in columns if c not in key)
+    updates = ", ".join(
+        f"{c} = excluded.{c}" for c in columns if c not in key and c not in fixed
+    )
     return (
         f"INSERT INTO {table} ({names}) VALUES ({marks}) "
         f"ON CONFLICT ({', '.join(key)}) DO UPDATE SET {updates}"
@@ -211,28 +303,44 @@ def _upsert(table: str, columns: Sequence[str], key: Sequence[str]) -> str:
 
 
 _UPSERT_SESSION = _upsert("sessions", _SESSION_COLUMNS, ["id"])
-_UPSERT_TASK = _upsert("tasks", _TASK_COLUMNS, ["id"])
+# A task's session, place and spec (TaskSpec is frozen) never change.
+_UPSERT_TASK = _upsert("tasks", _TASK_COLUMNS, ["id"], _TASK_COLUMNS[1:8])
 _UPSERT_WORKER = _upsert("workers", _WORKER_COLUMNS, ["bridge", "conn"])
 _INSERT_OUTCOME = (
-    "INSERT OR REPLACE INTO outcomes (session_id, idx, message) VALUES (?, ?, ?)"
+    "INSERT INTO outcomes (id, session_id, idx, message) VALUES (?, ?, ?, ?)"
 )
 _DELETE_TASK = "DELETE FROM tasks WHERE id = ?"
 _DELETE_WORKER = "DELETE FROM workers WHERE bridge = ? AND conn = ?"
-# A session takes its tasks and outcomes with it.
+# A session takes its tasks and outcomes with it; its outcomes lie between
+# the first and the last id it wrote.
+_DELETE_SESSION_OUTCOMES = (
+    "DELETE FROM outcomes WHERE id BETWEEN ? AND ? AND session_id = ?"
+)
 _DELETE_SESSION = (
-    "DELETE FROM outcomes WHERE session_id = ?",
     "DELETE FROM tasks WHERE session_id = ?",
     "DELETE FROM sessions WHERE id = ?",
 )
 
 _SELECT_SESSIONS = f"SELECT {', '.join(_SESSION_COLUMNS)} FROM sessions ORDER BY rowid"
-_SELECT_OUTCOMES = "SELECT session_id, message FROM outcomes ORDER BY session_id, idx"
+# Sorted at load, which happens once: no index to keep up to date meanwhile.
+_SELECT_OUTCOMES = (
+    "SELECT session_id, idx, message FROM outcomes ORDER BY session_id, idx, id"
+)
+_SELECT_OUTCOME_SPANS = (
+    "SELECT session_id, min(id), max(id) FROM outcomes GROUP BY session_id"
+)
+_SELECT_LAST_OUTCOME = "SELECT max(id) FROM outcomes"
 _SELECT_TASKS = (
     f"SELECT {', '.join(_TASK_COLUMNS)} FROM tasks "
     f"WHERE state IN ({', '.join('?' for _ in _LIVE_TASK_STATES)}) "
     "ORDER BY session_id, seq"
 )
 _SELECT_WORKERS = f"SELECT {', '.join(_WORKER_COLUMNS)} FROM workers ORDER BY rowid"
+
+_INSERT_PAYLOAD = "INSERT INTO payloads (id, data) VALUES (?, ?)"
+_SELECT_PAYLOAD = "SELECT data FROM payloads WHERE id = ?"
+_SELECT_PAYLOAD_SIZES = "SELECT id, length(data) FROM payloads"
+_DELETE_PAYLOAD = "DELETE FROM payloads WHERE id = ?"
 
 
 class DataDirLocked(StorageError):
@@ -296,6 +404,11 @@ class SqliteStore:
             SQL.
         fsync: Make each commit survive a power loss, not only a crash of
             the process (``synchronous=FULL`` rather than ``NORMAL``).
+        exclusive: Only this connection uses the database while it is open
+            (``locking_mode=EXCLUSIVE``), as the data directory's lock
+            guarantees: SQLite then takes no file lock per transaction and
+            keeps the WAL index in memory. Another process cannot even read
+            the database meanwhile.
 
     Raises:
         StorageError: The database cannot be opened, is not a database, or
@@ -303,10 +416,25 @@ class SqliteStore:
 
     """
 
-    def __init__(self, path: Path | str, *, fsync: bool = False) -> None:
+    def __init__(
+        self, path: Path | str, *, fsync: bool = False, exclusive: bool = False
+    ) -> None:
         self.path = path
         self._in_memory = str(path) == ":memory:"
         self._lock: _DirLock | None = None
+        # The rows of payloads: key -> size, and their sum. Kept up to date
+        # as rows come and go, after each commit.
+        self._payload_sizes: dict[str, int] = {}
+        self._payload_bytes = 0
+        # Bytes of rows deleted since the last look at the free pages.
+        self._freed_bytes = 0
+        # Rows whose tasks are gone, to delete in bulk (_DELETE_ROWS_AT).
+        self._doomed_rows: list[tuple[int]] = []
+        # For each session, the first and last id of its outcomes; the id
+        # of the next outcome; and the spans a save in progress changes.
+        self._outcome_spans: dict[str, tuple[int, int]] = {}
+        self._next_outcome = 1
+        self._new_spans: dict[str, tuple[int, int]] = {}
 
         # isolation_level=None: the sqlite3 module opens no transactions of
         # its own; every write below is inside an explicit BEGIN ... COMMIT.
@@ -316,8 +444,10 @@ class SqliteStore:
             raise _sqlite_error(f"cannot open queue database {path}", error) from error
 
         try:
-            self._configure(fsync)
+            self._configure(fsync, exclusive)
             self._migrate()
+            self._load_payload_sizes()
+            self._load_outcome_spans()
         except sqlite3.Error as error:
             self._db.close()
             raise _sqlite_error(f"cannot open queue database {path}", error) from error
@@ -359,6 +489,11 @@ class SqliteStore:
         Upserts go first and deletions last, so a session deleted in the same
         turn that last touched one of its tasks still takes that task with it.
 
+        Rows of ``payloads`` named in ``changes.freed_payloads`` stop counting
+        (``payload_sizes``) once this commits, and are deleted
+        ``_DELETE_ROWS_AT`` at a time, in this save or a later one (or by
+        :meth:`close`); a crash meanwhile leaves them as orphans.
+
         Raises:
             StorageError: The write failed (StorageFull if the disk is full)
                 and was rolled back: the store is as after the last save that
@@ -370,11 +505,43 @@ class SqliteStore:
         if not changes:
             return
 
-        with self._transaction(f"cannot save the queue to {self.path}"):
-            self._write(changes)
+        payload_sizes = self._payload_sizes
+        freed = [key for key in changes.freed_payloads if key in payload_sizes]
+        # Only once committed does a row become doomed.
+        doomed = self._doomed_rows + [_row_id(key) for key in freed]
+        bulk = len(doomed) >= _DELETE_ROWS_AT
+        try:
+            with self._transaction(f"cannot save the queue to {self.path}"):
+                self._write(changes)
+                if bulk:
+                    self._db.executemany(_DELETE_PAYLOAD, doomed)
+        except BaseException:
+            self._new_spans.clear()
+            raise
+        spans = self._outcome_spans
+        spans.update(self._new_spans)
+        self._new_spans.clear()
+        for session_id, session in changes.sessions.items():
+            if session is None:
+                spans.pop(session_id, None)
+        if freed:
+            self._forget_payloads(freed)
+        if bulk:
+            self._doomed_rows = []
+            self._rows_deleted()
+        else:
+            self._doomed_rows = doomed
 
     def close(self) -> None:
         """Close the database, then give up the data directory, if held."""
+        if self._doomed_rows:
+            failure = f"cannot delete the files of ended tasks from {self.path}"
+            try:
+                with self._transaction(failure):
+                    self._db.executemany(_DELETE_PAYLOAD, self._doomed_rows)
+            except StorageError as error:
+                logger.warning("%s; the next start deletes them", error)
+            self._doomed_rows = []
         self._db.close()
 
         if self._lock is not None:
@@ -393,6 +560,54 @@ class SqliteStore:
                 total += os.stat(name).st_size
         return total
 
+    # The spool's PayloadTable (core.spool): small files.
+
+    @property
+    def payload_sizes(self) -> Mapping[str, int]:
+        return self._payload_sizes
+
+    @property
+    def payload_bytes(self) -> int:
+        return self._payload_bytes
+
+    def insert_payloads(self, items: Sequence[tuple[str, Buffer]]) -> None:
+        """
+        Insert rows of small files and commit them, all or none.
+
+        Raises:
+            StorageError: StorageFull if the disk is full. Nothing was
+                inserted; unlike a failed save, the core can carry on.
+
+        """
+        with self._transaction(f"cannot save files to {self.path}"):
+            self._db.executemany(
+                _INSERT_PAYLOAD, [(int(key, 16), data) for key, data in items]
+            )
+        sizes = self._payload_sizes
+        for key, data in items:
+            size = memoryview(data).nbytes
+            sizes[key] = size
+            self._payload_bytes += size
+
+    def read_payload(self, key: str) -> bytes:
+        try:
+            row = self._db.execute(_SELECT_PAYLOAD, _row_id(key)).fetchone()
+        except sqlite3.Error as error:
+            raise _sqlite_error(
+                f"cannot read file {key} from {self.path}", error
+            ) from error
+        if row is None:
+            raise KeyError(key)
+        data: bytes = row[0]
+        return data
+
+    def delete_payloads(self, keys: Collection[str]) -> None:
+        """Delete rows of small files and commit, for rows no task needs."""
+        with self._transaction(f"cannot delete files from {self.path}"):
+            self._db.executemany(_DELETE_PAYLOAD, [_row_id(key) for key in keys])
+        self._forget_payloads(keys)
+        self._rows_deleted()
+
     # Beyond the protocol.
 
     def payload_keys(self) -> set[str]:
@@ -408,7 +623,15 @@ class SqliteStore:
 
     # Opening.
 
-    def _configure(self, fsync: bool) -> None:
+    def _configure(self, fsync: bool, exclusive: bool) -> None:
+        if exclusive:
+            # Before the first access in WAL mode, so that no shared memory
+            # (the -shm file) is used at all.
+            self._db.execute("PRAGMA locking_mode = EXCLUSIVE")
+        # Only takes effect in a new database, before WAL mode writes its
+        # first page (or by a VACUUM, _enable_incremental_vacuum): lets
+        # _give_back_free_pages shrink the file.
+        self._db.execute("PRAGMA auto_vacuum = INCREMENTAL")
         if not self._in_memory:
             (mode,) = self._db.execute("PRAGMA journal_mode = WAL").fetchone()
             if mode != "wal":
@@ -422,9 +645,14 @@ class SqliteStore:
         synchronous = "FULL" if fsync else "NORMAL"
         self._db.execute(f"PRAGMA synchronous = {synchronous}")
         self._db.execute(f"PRAGMA journal_size_limit = {_JOURNAL_SIZE_LIMIT}")
+        self._db.execute(f"PRAGMA wal_autocheckpoint = {_WAL_AUTOCHECKPOINT}")
 
     def _migrate(self) -> None:
-        """Create the schema in a new database; refuse one from the future."""
+        """
+        Create the schema in a new database, bring an older one up to date;
+        refuse one from the future.
+
+        """
         (version,) = self._db.execute("PRAGMA user_version").fetchone()
 
         if version > SCHEMA_VERSION:
@@ -439,9 +667,36 @@ class SqliteStore:
             return
 
         with self._transaction(f"cannot create the queue in {self.path}"):
-            for statement in _SCHEMA:
-                self._db.execute(statement)
+            for from_version in range(version, SCHEMA_VERSION):
+                for statement in _MIGRATIONS[from_version]:
+                    self._db.execute(statement)
             self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        if version > 0:
+            logger.info(
+                "queue database %s upgraded from schema version %d to %d",
+                self.path,
+                version,
+                SCHEMA_VERSION,
+            )
+            self._enable_incremental_vacuum()
+
+    def _enable_incremental_vacuum(self) -> None:
+        """
+        Rewrite a database made before version 2 so that it can give free
+        pages back (a VACUUM, once). Not needed to run: if it fails, the file
+        only keeps its largest size.
+
+        """
+        try:
+            self._db.execute("PRAGMA auto_vacuum = INCREMENTAL")
+            self._db.execute("VACUUM")
+        except sqlite3.Error as error:
+            logger.warning(
+                "cannot compact queue database %s (%s); it will not shrink after "
+                "a large queue of small files",
+                self.path,
+                error,
+            )
 
     def _hold(self, lock: _DirLock) -> None:
         """Release ``lock`` on close: the data directory is ours until then."""
@@ -487,17 +742,75 @@ class SqliteStore:
 
         self._many(_UPSERT_SESSION, [_session_row(s) for s in sessions])
         self._many(_UPSERT_TASK, [_task_row(t) for t in tasks])
-        self._many(_INSERT_OUTCOME, [_outcome_row(*o) for o in changes.outcomes])
+        self._many(_INSERT_OUTCOME, self._outcome_rows(changes.outcomes))
         self._many(_UPSERT_WORKER, [_worker_row(w) for w in workers])
 
         self._many(_DELETE_TASK, [(key,) for key in gone_tasks])
         self._many(_DELETE_WORKER, gone_workers)
+        if gone_sessions:
+            self._many(
+                _DELETE_SESSION_OUTCOMES,
+                [
+                    (*span, key)
+                    for key in gone_sessions
+                    if (span := self._span_of(key)) is not None
+                ],
+            )
         for statement in _DELETE_SESSION:
             self._many(statement, [(key,) for key in gone_sessions])
+
+    def _outcome_rows(
+        self, outcomes: list[tuple[str, int, dict[str, Any]]]
+    ) -> list[tuple[Any, ...]]:
+        """Rows for new outcomes, each with the next id; notes the spans."""
+        rows = []
+        new_spans = self._new_spans
+        for session_id, index, message in outcomes:
+            row_id = self._next_outcome
+            self._next_outcome += 1
+            span = new_spans.get(session_id) or self._outcome_spans.get(session_id)
+            new_spans[session_id] = (span[0] if span else row_id, row_id)
+            rows.append((row_id, session_id, index, orjson.dumps(message)))
+        return rows
+
+    def _span_of(self, session_id: str) -> tuple[int, int] | None:
+        return self._new_spans.get(session_id) or self._outcome_spans.get(session_id)
 
     def _many(self, statement: str, rows: list[Any]) -> None:
         if rows:
             self._db.executemany(statement, rows)
+
+    def _forget_payloads(self, keys: Collection[str]) -> None:
+        """After a commit that deleted the rows of ``keys``, or doomed them."""
+        sizes = self._payload_sizes
+        freed = 0
+        for key in keys:
+            freed += sizes.pop(key, 0)
+        self._payload_bytes -= freed
+        self._freed_bytes += freed
+
+    def _rows_deleted(self) -> None:
+        if self._freed_bytes >= _VACUUM_CHECK_BYTES:
+            self._freed_bytes = 0
+            self._give_back_free_pages()
+
+    def _give_back_free_pages(self) -> None:
+        """
+        Shrink the database file when rows of deleted files left more than
+        _FREE_PAGES_KEPT bytes of free pages in it. Keeping some saves
+        growing the file again at once.
+
+        """
+        try:
+            (free_pages,) = self._db.execute("PRAGMA freelist_count").fetchone()
+            (page_size,) = self._db.execute("PRAGMA page_size").fetchone()
+            excess = free_pages - _FREE_PAGES_KEPT // page_size
+            if excess > 0:
+                # Each step of the statement frees one page, and execute()
+                # takes only the first: run it to the end.
+                self._db.executescript(f"PRAGMA incremental_vacuum({excess});")
+        except sqlite3.Error as error:
+            logger.warning("cannot shrink queue database %s: %s", self.path, error)
 
     # Reading.
 
@@ -506,10 +819,16 @@ class SqliteStore:
             row[0]: _session_from(row) for row in self._db.execute(_SELECT_SESSIONS)
         }
 
-        for session_id, message in self._db.execute(_SELECT_OUTCOMES):
+        for session_id, index, message in self._db.execute(_SELECT_OUTCOMES):
             session = sessions.get(session_id)
-            if session is not None:
-                session.results.append(orjson.loads(message))
+            if session is None:
+                continue
+            results = session.results
+            if index < len(results):
+                # Written again (never, today): the later one counts.
+                results[index] = orjson.loads(message)
+            else:
+                results.append(orjson.loads(message))
 
         return list(sessions.values())
 
@@ -519,6 +838,21 @@ class SqliteStore:
 
     def _load_workers(self) -> list[Worker]:
         return [_worker_from(row) for row in self._db.execute(_SELECT_WORKERS)]
+
+    def _load_outcome_spans(self) -> None:
+        self._outcome_spans = {
+            session_id: (first, last)
+            for session_id, first, last in self._db.execute(_SELECT_OUTCOME_SPANS)
+        }
+        (last,) = self._db.execute(_SELECT_LAST_OUTCOME).fetchone()
+        self._next_outcome = (last or 0) + 1
+
+    def _load_payload_sizes(self) -> None:
+        self._payload_sizes = {
+            f"{row_id:016x}": size
+            for row_id, size in self._db.execute(_SELECT_PAYLOAD_SIZES)
+        }
+        self._payload_bytes = sum(self._payload_sizes.values())
 
 
 # Records to rows and back. Enums are stored by value; the row layouts follow
@@ -588,12 +922,6 @@ def _task_from(row: Any) -> Task:
     )
 
 
-def _outcome_row(
-    session_id: str, index: int, message: dict[str, Any]
-) -> tuple[Any, ...]:
-    return (session_id, index, orjson.dumps(message))
-
-
 def _worker_row(worker: Worker) -> tuple[Any, ...]:
     bridge, conn = worker.client
     return (
@@ -621,6 +949,11 @@ def _worker_from(row: Any) -> Worker:
         failed=row[6],
         total_bytes=row[7],
     )
+
+
+def _row_id(key: str) -> tuple[int]:
+    """The parameters that name the row of a small file."""
+    return (int(key, 16),)
 
 
 def _split(records: dict[K, R | None]) -> tuple[list[R], list[K]]:
@@ -726,9 +1059,10 @@ def open_data_dir(
         _check_writable(path)
         check_free_space(path, min_free_bytes)
 
-        store = SqliteStore(path / DB_NAME, fsync=fsync)
+        # The lock makes this core the database's only user.
+        store = SqliteStore(path / DB_NAME, fsync=fsync, exclusive=True)
         undo.callback(store.close)
-        spool = DiskSpool(path / SPOOL_NAME, fsync=fsync)
+        spool = DiskSpool(path / SPOOL_NAME, fsync=fsync, table=store)
 
         _remove_orphans(store, spool)
 
@@ -817,8 +1151,7 @@ def _remove_orphans(store: SqliteStore, spool: DiskSpool) -> None:
     orphans = present - needed
     before = spool.bytes_used
 
-    for key in orphans:
-        spool.delete(key)
+    spool.delete_many(orphans)
 
     logger.info(
         "data dir %s: %d files (%s MiB) in the spool; removed %d orphans (%s MiB)",

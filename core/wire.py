@@ -114,6 +114,7 @@ class Envelope:
 
 
 _COMMAND_FRAMES = {command: bytes([command]) for command in Command}
+_COMMANDS = {frame: command for command, frame in _COMMAND_FRAMES.items()}
 
 
 def encode(
@@ -152,10 +153,7 @@ def decode(frames: Sequence[Payload]) -> Envelope:
         )
 
     command_frame = bytes(frames[1])
-    try:
-        command = Command(command_frame[0]) if len(command_frame) == 1 else None
-    except ValueError:
-        command = None
+    command = _COMMANDS.get(command_frame)
     if command is None:
         raise ProtocolError(f"unknown link command {command_frame[:8]!r}")
 

@@ -215,8 +215,14 @@ def serve_one_by_one(s: Scheduler, worker: ClientRef, count: int) -> list[str]:
     the order they were handed out.
 
     """
+    return serve_one_by_one_from(s, worker, s.messages_to_send(), count)
+
+
+def serve_one_by_one_from(
+    s: Scheduler, worker: ClientRef, out: list[Outgoing], count: int
+) -> list[str]:
+    """:func:`serve_one_by_one`, the first assignment being in ``out``."""
     names = []
-    out = s.messages_to_send()
     for step in range(count):
         message = one(sent(out, "TASK_ASSIGNED", worker))
         names.append(message["task"]["filename"])
@@ -780,6 +786,56 @@ def test_sessions_are_served_round_robin(sched: Scheduler) -> None:
         "b1.jpg",
         "a2.jpg",
         "b2.jpg",
+    ]
+
+
+def test_a_session_back_from_a_pause_waits_behind_those_ready_meanwhile(
+    sched: Scheduler,
+) -> None:
+    """
+    Among sessions never served, the one that became ready first goes first;
+    a paused session becomes ready again when it is resumed.
+
+    """
+    a = add_session(sched, MASTER)
+    b = add_session(sched, MASTER_2)
+    sched.submit_tasks(MASTER, a, specs(2, "a"), 0.0)
+    sched.client_gone(MASTER, 0.5)
+    sched.submit_tasks(MASTER_2, b, specs(2, "b"), 1.0)
+    sched.resume_session(MASTER_3, a, 0, 1.5)
+    sched.messages_to_send()
+    sched.register_worker(W1, 2.0)
+    order = serve_one_by_one(sched, W1, 4)
+    assert order == ["b0.jpg", "a0.jpg", "b1.jpg", "a1.jpg"]
+
+
+def test_a_session_that_ran_dry_takes_its_turn_by_when_it_was_last_served(
+    sched: Scheduler,
+) -> None:
+    a = add_session(sched, MASTER)
+    b = add_session(sched, MASTER_2)
+    c = add_session(sched, MASTER_3)
+    sched.submit_tasks(MASTER, a, specs(1, "a"), 0.0)
+    sched.submit_tasks(MASTER_2, b, specs(2, "b"), 0.0)
+    sched.submit_tasks(MASTER_3, c, specs(2, "c"), 0.0)
+    sched.messages_to_send()
+    # Served in turn a, b, c; a has nothing left (its file is still out).
+    for worker in (W2, W3, W1):
+        sched.register_worker(worker, 1.0)
+    out = sched.messages_to_send()
+    assert [
+        one(sent(out, "TASK_ASSIGNED", w))["task"]["filename"] for w in (W2, W3)
+    ] == [
+        "a0.jpg",
+        "b0.jpg",
+    ]
+    # a was served longest ago: its new file goes before b's and c's next.
+    sched.submit_tasks(MASTER, a, specs(1, "again"), 2.0)
+    out = sched.messages_to_send() + out
+    assert serve_one_by_one_from(sched, W1, out, 3) == [
+        "c0.jpg",
+        "again0.jpg",
+        "b1.jpg",
     ]
 
 

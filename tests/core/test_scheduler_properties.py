@@ -54,6 +54,7 @@ from core.model import (
     Disconnect,
     Outgoing,
     Send,
+    Session,
     TaskSpec,
 )
 from core.scheduler import Scheduler
@@ -86,10 +87,25 @@ def _quiet_scheduler() -> Iterator[None]:
     logger.setLevel(level)
 
 
+class CheckedScheduler(Scheduler):
+    """
+    Checks each round-robin turn against its definition: among the ready
+    sessions, the smallest ``last_served``, and of those the one that became
+    ready first (the first in ``_ready``, which keeps the order of entry).
+
+    """
+
+    def _next_turn(self) -> Session:
+        expected = min(self._ready, key=lambda sid: self._sessions[sid].last_served)
+        session = super()._next_turn()
+        assert session.id == expected, (session.id, expected)
+        return session
+
+
 def new_scheduler(
     prefix: str, task_timeout: float | None, resume_grace: float = RESUME_GRACE
 ) -> Scheduler:
-    return Scheduler(
+    return CheckedScheduler(
         prefix,
         max_attempts=MAX_ATTEMPTS,
         worker_timeout=WORKER_TIMEOUT,

@@ -15,19 +15,44 @@ from pathlib import Path
 import pytest
 import zmq
 
-from core.spool import DiskSpool, MemorySpool, Spool, StorageError, StorageFull
+from core.spool import (
+    INLINE_LIMIT,
+    DiskSpool,
+    MemorySpool,
+    Spool,
+    StorageError,
+    StorageFull,
+)
+from core.store import SqliteStore
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = b"aGVsbG8gd29ybGQ="
 
 
-@pytest.fixture(params=["disk", "memory"])
+@pytest.fixture(params=["disk", "disk+table", "memory"])
 def spool(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Spool]:
-    spool: Spool = (
-        DiskSpool(tmp_path / "spool") if request.param == "disk" else MemorySpool()
-    )
+    store = SqliteStore(tmp_path / "queue.sqlite3")
+    spool: Spool
+    if request.param == "disk":
+        spool = DiskSpool(tmp_path / "spool")
+    elif request.param == "disk+table":
+        spool = DiskSpool(tmp_path / "spool", table=store)
+    else:
+        spool = MemorySpool()
     yield spool
     spool.close()
+    store.close()
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[SqliteStore]:
+    store = SqliteStore(tmp_path / "queue.sqlite3")
+    yield store
+    store.close()
+
+
+def rows_in(store: SqliteStore) -> list[int]:
+    return [row for (row,) in store._db.execute("SELECT id FROM payloads")]
 
 
 def files_in(directory: Path) -> list[str]:
@@ -90,6 +115,22 @@ def test_getting_a_missing_key_raises_key_error(spool: Spool) -> None:
 
     with pytest.raises(KeyError):
         spool.get(key)
+
+
+def test_put_many_returns_a_key_per_file_in_order(spool: Spool) -> None:
+    files = [b"a" * 5, zmq.Frame(b"b" * 70_000), bytearray(b"c"), b""]
+
+    keys = spool.put_many(files)
+
+    assert len(set(keys)) == 4
+    assert [bytes(spool.get(key)) for key in keys] == [
+        bytes(memoryview(f)) for f in files
+    ]
+    assert (spool.count, spool.bytes_used) == (4, 70_006)
+
+    spool.delete_many([keys[0], keys[1], "0123456789abcdef"])
+    assert spool.keys() == {keys[2], keys[3]}
+    assert (spool.count, spool.bytes_used) == (2, 1)
 
 
 # MemorySpool.
@@ -238,6 +279,114 @@ def test_a_file_over_the_size_limit_raises_storage_full_and_leaves_nothing(
 
 def test_storage_full_is_a_storage_error() -> None:
     assert issubclass(StorageFull, StorageError)
+
+
+# DiskSpool with a table: small files as rows of the store's database.
+
+
+def test_small_files_become_rows_and_large_ones_files(
+    tmp_path: Path, store: SqliteStore
+) -> None:
+    spool = DiskSpool(tmp_path / "spool", table=store)
+    small = b"s" * (INLINE_LIMIT - 1)
+    large = b"L" * INLINE_LIMIT
+
+    small_key, large_key = spool.put_many([small, large])
+
+    assert files_in(tmp_path / "spool") == [large_key]
+    assert rows_in(store) == [int(small_key, 16)]
+    assert spool.get(small_key) == small
+    assert spool.get(large_key) == large
+    assert type(spool.get(large_key)) is bytearray
+    assert (spool.count, spool.file_count) == (2, 1)
+    assert spool.bytes_used == len(small) + len(large)
+
+
+def test_rows_are_numbered_in_order_across_restarts(
+    tmp_path: Path, store: SqliteStore
+) -> None:
+    """In order, rows of a batch fill pages at the end of the table."""
+    spool = DiskSpool(tmp_path / "spool", table=store)
+    first = spool.put_many([DATA] * 3)
+    assert first == [f"{n:016x}" for n in (1, 2, 3)]
+
+    store.close()
+    store = SqliteStore(tmp_path / "queue.sqlite3")
+    spool = DiskSpool(tmp_path / "spool", table=store)
+
+    assert spool.keys() == set(first)
+    assert spool.put(DATA) == f"{4:016x}"
+    store.close()
+
+
+def test_a_batch_that_cannot_be_kept_leaves_nothing(
+    tmp_path: Path, store: SqliteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows and files written before the failure are removed again."""
+    spool = DiskSpool(tmp_path / "spool", table=store)
+    write = DiskSpool._write_new_file
+    written: list[str] = []
+
+    def write_twice(self: DiskSpool, path: str, view: memoryview) -> None:
+        if written:
+            raise OSError(28, "No space left on device")
+        written.append(path)
+        write(self, path, view)
+
+    monkeypatch.setattr(DiskSpool, "_write_new_file", write_twice)
+    monkeypatch.setattr("core.spool._INLINE_TRANSACTION_BYTES", 10)
+    batch = [DATA * 2, b"L" * INLINE_LIMIT, DATA, b"L" * INLINE_LIMIT]
+
+    with pytest.raises(StorageFull, match="No space left"):
+        spool.put_many(batch)
+
+    assert written
+    assert files_in(tmp_path / "spool") == []
+    assert rows_in(store) == []
+    assert (spool.count, spool.bytes_used, spool.keys()) == (0, 0, set())
+
+
+def test_a_full_database_refuses_rows_and_keeps_none(
+    tmp_path: Path, store: SqliteStore
+) -> None:
+    spool = DiskSpool(tmp_path / "spool", table=store)
+    (pages,) = store._db.execute("PRAGMA page_count").fetchone()
+    store._db.execute(f"PRAGMA max_page_count = {pages + 2}")
+
+    with pytest.raises(StorageFull, match=r"cannot write 40 files to spool .* full"):
+        spool.put_many([os.urandom(2000) for _ in range(40)])
+
+    assert rows_in(store) == []
+    assert (spool.count, spool.bytes_used) == (0, 0)
+
+
+def test_put_many_lets_the_caller_speak_while_it_writes(
+    tmp_path: Path, store: SqliteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once after each file and each transaction of rows."""
+    spool = DiskSpool(tmp_path / "spool", table=store)
+    monkeypatch.setattr("core.spool._INLINE_TRANSACTION_BYTES", 2 * len(DATA))
+    calls: list[int] = []
+
+    spool.put_many(
+        [DATA, DATA, DATA, b"L" * INLINE_LIMIT, DATA],
+        between=lambda: calls.append(spool.count),
+    )
+
+    assert calls == [2, 3, 5]
+    assert spool.count == 5
+
+
+def test_a_row_no_task_needs_is_deleted_at_once(
+    tmp_path: Path, store: SqliteStore
+) -> None:
+    spool = DiskSpool(tmp_path / "spool", table=store)
+    kept, dropped = spool.put_many([DATA, DATA])
+
+    spool.delete(dropped)
+
+    assert rows_in(store) == [int(kept, 16)]
+    assert spool.keys() == {kept}
 
 
 @pytest.mark.parametrize("key", ["../lock", ".tmp-0123456789abcdef", "", "ABC"])

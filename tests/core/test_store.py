@@ -254,6 +254,39 @@ def test_deleting_a_session_deletes_its_tasks_and_outcomes(
     assert [t.id for t in snapshot.tasks] == ["t-3"]
 
 
+def test_a_session_takes_only_its_own_outcomes_with_it(
+    store: SqliteStore, db_path: Path
+) -> None:
+    """Sessions write their outcomes side by side, and after a restart too."""
+    sessions = {sid: make_session(sid) for sid in ("s-1", "s-2", "s-3")}
+    store.save(Changes(sessions=dict(sessions)))
+    for index in range(3):
+        store.save(
+            Changes(
+                outcomes=[(sid, index, outcome(f"{sid}/{index}")) for sid in sessions]
+            )
+        )
+    store.close()
+    store = SqliteStore(db_path)
+    store.save(Changes(outcomes=[("s-1", 3, outcome("s-1/3"))]))
+
+    store.save(Changes(sessions={"s-1": None}))
+    store.close()
+    store = SqliteStore(db_path)
+    store.save(Changes(sessions={"s-3": None}))
+
+    snapshot = store.load()
+    assert [s.id for s in snapshot.sessions] == ["s-2"]
+    assert [r["taskId"] for r in snapshot.sessions[0].results] == [
+        "s-2/0",
+        "s-2/1",
+        "s-2/2",
+    ]
+    (rows,) = store._db.execute("SELECT count(*) FROM outcomes").fetchone()
+    assert rows == 3
+    store.close()
+
+
 def test_a_session_deleted_with_its_last_update_stays_deleted(
     store: SqliteStore, db_path: Path
 ) -> None:
@@ -297,6 +330,63 @@ def test_deleting_what_is_not_there_is_harmless(
     assert reload(db_path) == Snapshot([], [], [])
 
 
+# Small files (the spool's table).
+
+
+def payload_rows(store: SqliteStore) -> list[int]:
+    return [row for (row,) in store._db.execute("SELECT id FROM payloads ORDER BY id")]
+
+
+def test_rows_of_ended_tasks_are_deleted_in_bulk(
+    store: SqliteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    A freed row stops counting at once; it is deleted with the next ones,
+    whole pages at a time.
+
+    """
+    monkeypatch.setattr("core.store._DELETE_ROWS_AT", 3)
+    keys = [f"{n:016x}" for n in range(1, 6)]
+    store.insert_payloads([(key, b"x" * 10) for key in keys])
+    assert (len(store.payload_sizes), store.payload_bytes) == (5, 50)
+
+    store.save(Changes(tasks={"t-1": None}, freed_payloads=keys[:2]))
+
+    assert (len(store.payload_sizes), store.payload_bytes) == (3, 30)
+    assert payload_rows(store) == [1, 2, 3, 4, 5]
+
+    store.save(Changes(tasks={"t-2": None}, freed_payloads=[keys[2], "f" * 16]))
+
+    assert payload_rows(store) == [4, 5]
+    assert set(store.payload_sizes) == set(keys[3:])
+
+
+def test_rows_freed_but_not_yet_deleted_go_when_the_store_closes(
+    store: SqliteStore, db_path: Path
+) -> None:
+    store.insert_payloads([("0000000000000001", b"x"), ("0000000000000002", b"y")])
+    store.save(Changes(tasks={"t-1": None}, freed_payloads=["0000000000000001"]))
+
+    store.close()
+
+    again = SqliteStore(db_path)
+    assert dict(again.payload_sizes) == {"0000000000000002": 1}
+    again.close()
+
+
+def test_a_failed_save_frees_no_row(store: SqliteStore) -> None:
+    store.insert_payloads([("0000000000000001", b"data")])
+    store._db.execute("PRAGMA query_only = ON")
+
+    with pytest.raises(StorageError):
+        store.save(Changes(tasks={"t-1": None}, freed_payloads=["0000000000000001"]))
+
+    store._db.execute("PRAGMA query_only = OFF")
+    assert store.read_payload("0000000000000001") == b"data"
+    assert store.payload_bytes == 4
+    assert store._doomed_rows == []
+
+
 def test_freed_payloads_alone_write_nothing(store: SqliteStore) -> None:
     """The spool, not the store, deals with freed files."""
     store.save(Changes(freed_payloads=["0123456789abcdef"]))
@@ -312,7 +402,9 @@ def test_a_database_from_a_newer_linkup_is_refused(db_path: Path) -> None:
     with sqlite3.connect(db_path) as db:
         db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
 
-    with pytest.raises(StorageError, match=r"schema version 2.*newer linkup"):
+    with pytest.raises(
+        StorageError, match=rf"schema version {SCHEMA_VERSION + 1}.*newer linkup"
+    ):
         SqliteStore(db_path)
 
 
@@ -477,6 +569,62 @@ def test_a_data_dir_short_of_space_is_refused_and_left_unlocked(
     store.close()
 
 
+def test_small_files_are_kept_in_the_database(tmp_path: Path) -> None:
+    store, spool = open_data_dir(tmp_path)
+    small, large = spool.put_many([b"c21hbGw=", b"L" * (64 * 2**10)])
+    tasks = [make_task("t-1", payload_key=small), make_task("t-2", payload_key=large)]
+    store.save(Changes(tasks={task.id: task for task in tasks}))
+    store.close()
+
+    store, spool = open_data_dir(tmp_path)
+
+    assert sorted(p.name for p in (tmp_path / SPOOL_NAME).iterdir()) == [large]
+    assert spool.get(small) == b"c21hbGw="
+    assert (spool.count, spool.bytes_used) == (2, 8 + 64 * 2**10)
+    store.close()
+
+
+def test_the_database_is_the_core_s_alone(tmp_path: Path) -> None:
+    """
+    The lock already keeps other cores out: SQLite's own locking is off
+    (no shared-memory file), and nobody else can read the queue meanwhile.
+
+    """
+    store, _ = open_data_dir(tmp_path)
+    store.save(Changes(sessions={"s-1": make_session()}))
+
+    assert not (tmp_path / f"{DB_NAME}-shm").exists()
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        sqlite3.connect(tmp_path / DB_NAME, timeout=0).execute("SELECT * FROM sessions")
+    store.close()
+    assert reload(tmp_path / DB_NAME).sessions == [make_session()]
+
+
+def test_free_pages_go_back_to_the_file_system(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A large queue of small files does not leave the database large."""
+    monkeypatch.setattr("core.store._FREE_PAGES_KEPT", 64 * 2**10)
+    monkeypatch.setattr("core.store._VACUUM_CHECK_BYTES", 2**20)
+    monkeypatch.setattr("core.store._DELETE_ROWS_AT", 10)
+    store, spool = open_data_dir(tmp_path)
+    keys = spool.put_many([os.urandom(30_000) for _ in range(200)])
+    store._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    full = (tmp_path / DB_NAME).stat().st_size
+
+    for start in range(0, 200, 50):
+        store.save(
+            Changes(tasks={"t-1": None}, freed_payloads=keys[start : start + 50])
+        )
+    store._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    (free_pages,) = store._db.execute("PRAGMA freelist_count").fetchone()
+    assert free_pages * 4096 <= 64 * 2**10
+    assert (tmp_path / DB_NAME).stat().st_size < full / 4
+    assert spool.count == 0
+    store.close()
+
+
 def test_orphan_files_are_removed_at_open(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -494,6 +642,40 @@ def test_orphan_files_are_removed_at_open(
     assert spool.keys() == {needed}
     assert not (tmp_path / SPOOL_NAME / orphan).exists()
     assert "1 files (0.00 MiB) in the spool; removed 1 orphans" in caplog.text
+    store.close()
+
+
+def test_orphan_rows_are_removed_at_open(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A core killed before it deleted a freed row leaves it behind."""
+    script = """
+        import os
+        from pathlib import Path
+        from core.model import Changes, Task, TaskSpec
+        from core.store import open_data_dir
+
+        store, spool = open_data_dir(Path(DATA_DIR))
+        kept, freed, orphan = spool.put_many([b"a2VwdA==", b"ZnJlZWQ=", b"b3JwaA=="])
+        tasks = {
+            key: Task(key, "s-1", n, TaskSpec("f", "image/png", 1, key, 8))
+            for n, key in enumerate((kept, freed))
+        }
+        store.save(Changes(tasks=dict(tasks)))
+        store.save(Changes(tasks={freed: None}, freed_payloads=[freed]))
+        print(kept)
+        os._exit(0)
+    """
+    child = run_child(script, tmp_path)
+    assert child.returncode == 0, child.stderr
+    kept = child.stdout.strip()
+
+    caplog.set_level(logging.INFO, logger="linkup.core.store")
+    store, spool = open_data_dir(tmp_path)
+
+    assert spool.keys() == {kept}
+    assert payload_rows(store) == [int(kept, 16)]
+    assert "removed 2 orphans" in caplog.text
     store.close()
 
 
@@ -568,6 +750,111 @@ def test_a_killed_core_keeps_exactly_what_it_committed(tmp_path: Path) -> None:
     assert [t.id for t in snapshot.tasks] == ["t-1"]
     assert spool.keys() == {snapshot.tasks[0].spec.payload_key}
     assert spool.get(snapshot.tasks[0].spec.payload_key) == b"Y29tbWl0dGVk"
+    store.close()
+
+
+# Upgrades.
+
+# The schema of version 1, as linkup 0.1 made it.
+_SCHEMA_1 = (
+    """
+    CREATE TABLE sessions (
+        id TEXT NOT NULL PRIMARY KEY, master_bridge BLOB NOT NULL,
+        master_conn INTEGER NOT NULL, state TEXT NOT NULL, total INTEGER NOT NULL,
+        completed INTEGER NOT NULL, failed INTEGER NOT NULL,
+        cancelled INTEGER NOT NULL
+    )
+    """,
+    """
+    CREATE TABLE tasks (
+        id TEXT NOT NULL PRIMARY KEY, session_id TEXT NOT NULL, seq INTEGER NOT NULL,
+        filename TEXT NOT NULL, mime_type TEXT NOT NULL, size INTEGER NOT NULL,
+        payload_key TEXT NOT NULL, payload_size INTEGER NOT NULL,
+        state TEXT NOT NULL, attempts INTEGER NOT NULL, worker_id TEXT,
+        last_error TEXT
+    ) WITHOUT ROWID
+    """,
+    "CREATE INDEX tasks_by_session ON tasks (session_id, seq)",
+    """
+    CREATE TABLE outcomes (
+        session_id TEXT NOT NULL, idx INTEGER NOT NULL, message BLOB NOT NULL,
+        PRIMARY KEY (session_id, idx)
+    ) WITHOUT ROWID
+    """,
+    """
+    CREATE TABLE workers (
+        bridge BLOB NOT NULL, conn INTEGER NOT NULL, id TEXT NOT NULL,
+        task_id TEXT, released TEXT, completed INTEGER NOT NULL,
+        failed INTEGER NOT NULL, total_bytes INTEGER NOT NULL,
+        PRIMARY KEY (bridge, conn)
+    )
+    """,
+)
+
+
+def test_a_data_dir_of_version_1_is_upgraded_and_keeps_its_queue(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its files stay in the spool's directory; new small ones go to the table."""
+    spool_dir = tmp_path / SPOOL_NAME
+    spool_dir.mkdir()
+    (spool_dir / "00000000deadbeef").write_bytes(b"b2xk")
+    db = sqlite3.connect(tmp_path / DB_NAME)
+    db.execute("PRAGMA journal_mode = WAL")
+    for statement in _SCHEMA_1:
+        db.execute(statement)
+    db.execute(
+        "INSERT INTO sessions VALUES ('s-2', ?, 1, 'open', 2, 1, 0, 0)", (BRIDGE,)
+    )
+    db.execute(
+        "INSERT INTO sessions VALUES ('s-1', ?, 3, 'completed', 1, 1, 0, 0)", (BRIDGE,)
+    )
+    db.execute(
+        "INSERT INTO tasks VALUES ('t-2', 's-2', 1, 'b.png', 'image/png', 3, "
+        "'00000000deadbeef', 4, 'assigned', 1, 'w-1', NULL)"
+    )
+    for session_id, idx, task_id in [("s-2", 1, "b"), ("s-1", 0, "z"), ("s-2", 0, "a")]:
+        db.execute(
+            "INSERT INTO outcomes VALUES (?, ?, ?)",
+            (session_id, idx, f'{{"taskId": "{task_id}"}}'.encode()),
+        )
+    db.execute(
+        "INSERT INTO workers VALUES (?, 2, 'w-1', 't-2', NULL, 4, 1, 99)", (BRIDGE,)
+    )
+    db.execute("PRAGMA user_version = 1")
+    db.commit()
+    db.close()
+
+    caplog.set_level(logging.INFO, logger="linkup.core.store")
+    store, spool = open_data_dir(tmp_path)
+    snapshot = store.load()
+
+    assert "upgraded from schema version 1 to 2" in caplog.text
+    assert store._db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+    assert store._db.execute("PRAGMA auto_vacuum").fetchone() == (2,)
+    assert [(s.id, s.state, s.total) for s in snapshot.sessions] == [
+        ("s-2", SessionState.OPEN, 2),
+        ("s-1", SessionState.COMPLETED, 1),
+    ]
+    assert [[r["taskId"] for r in s.results] for s in snapshot.sessions] == [
+        ["a", "b"],
+        ["z"],
+    ]
+    (task,) = snapshot.tasks
+    assert (task.id, task.state, task.worker_id) == ("t-2", TaskState.ASSIGNED, "w-1")
+    assert spool.get(task.spec.payload_key) == b"b2xk"
+    assert [(w.id, w.task_id, w.total_bytes) for w in snapshot.workers] == [
+        ("w-1", "t-2", 99)
+    ]
+
+    # It carries on as a new one would.
+    key = spool.put(b"bmV3")
+    assert not (spool_dir / key).exists()
+    store.save(Changes(sessions={"s-1": None}, outcomes=[("s-2", 2, outcome("c"))]))
+    store.close()
+    store, _ = open_data_dir(tmp_path)
+    (session,) = store.load().sessions
+    assert [r["taskId"] for r in session.results] == ["a", "b", "c"]
     store.close()
 
 

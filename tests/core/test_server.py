@@ -1,0 +1,231 @@
+"""
+Tests of :mod:`core.server`'s group commit: the link messages waiting on the
+socket are handled together, stored in one commit, and answered in order.
+
+The core runs in a thread on an in-process socket; a DEALER plays the bridge.
+Its messages are queued before the core's loop starts, so that they all wait
+when the loop first looks.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zmq
+
+from core import wire
+from core.model import Changes
+from core.scheduler import Scheduler
+from core.server import CoreServer
+from core.store import SqliteStore, open_data_dir
+from core.wire import Command
+
+ENDPOINT = "inproc://core-under-test"
+TIMEOUT_MS = 5000
+
+
+class CountingStore(SqliteStore):
+    """A store that notes every save that writes something."""
+
+    saves: list[Changes]
+
+    def save(self, changes: Changes) -> None:
+        if changes:
+            self.saves.append(changes)
+        super().save(changes)
+
+
+@pytest.fixture
+def context() -> Iterator[zmq.Context[Any]]:
+    context: zmq.Context[Any] = zmq.Context()
+    yield context
+    context.destroy(linger=0)
+
+
+class Core:
+    """
+    A CoreServer made, run and closed in a thread of its own (SQLite wants
+    that); :meth:`go` starts its loop once the test has queued its messages.
+
+    """
+
+    def __init__(self, context: zmq.Context[Any], tmp_path: Path) -> None:
+        self.saves: list[Changes] = []
+        self.sent_after: list[int] = []
+        self._built = threading.Event()
+        self._go = threading.Event()
+        self.thread = threading.Thread(
+            target=self._main, args=(context, tmp_path), daemon=True
+        )
+        self.thread.start()
+        assert self._built.wait(5)
+
+    def _main(self, context: zmq.Context[Any], tmp_path: Path) -> None:
+        store, spool = open_data_dir(tmp_path)
+        store.__class__ = CountingStore
+        store.saves = self.saves  # type: ignore[attr-defined]
+        self.server = CoreServer(context, ENDPOINT, Scheduler("x"), store, spool)
+        socket = self.server._socket
+        send = socket.send
+
+        def noting_send(*args: Any, **kwargs: Any) -> Any:
+            self.sent_after.append(len(self.saves))
+            return send(*args, **kwargs)
+
+        self.server._socket = _Wrapped(socket, noting_send)  # type: ignore[assignment]
+        self._built.set()
+        self._go.wait(5)
+        try:
+            self.server.run()
+        finally:
+            self.server._socket = socket
+            self.server.close()
+
+    def go(self) -> None:
+        self._go.set()
+
+    def stop(self, link: zmq.Socket[Any]) -> None:
+        self.server.stop()
+        send(link, Command.HEARTBEAT, {})
+        self.thread.join(5)
+        assert not self.thread.is_alive()
+
+
+def bridge(context: zmq.Context[Any]) -> zmq.Socket[Any]:
+    socket: zmq.Socket[Any] = context.socket(zmq.DEALER)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.setsockopt(zmq.RCVTIMEO, TIMEOUT_MS)
+    socket.connect(ENDPOINT)
+    return socket
+
+
+def send(
+    socket: zmq.Socket[Any],
+    command: Command,
+    header: dict[str, Any],
+    payloads: tuple[bytes, ...] = (),
+) -> None:
+    socket.send_multipart(wire.encode(command, header, payloads))
+
+
+def client_message(
+    socket: zmq.Socket[Any], client: int, message: dict[str, Any], *payloads: bytes
+) -> None:
+    send(
+        socket, Command.CLIENT_MESSAGE, {"client": client, "message": message}, payloads
+    )
+
+
+def receive(socket: zmq.Socket[Any]) -> wire.Envelope:
+    return wire.decode(socket.recv_multipart())
+
+
+def next_delivery(socket: zmq.Socket[Any]) -> wire.Envelope:
+    """The next DELIVER, skipping heartbeats, broadcasts and the like."""
+    while True:
+        envelope = receive(socket)
+        if envelope.command is Command.DELIVER:
+            return envelope
+
+
+def test_waiting_messages_share_one_commit_and_keep_their_order(
+    context: zmq.Context[Any], tmp_path: Path
+) -> None:
+    core = Core(context, tmp_path)
+    link = bridge(context)
+    send(link, Command.HELLO, {"bridge": "b", "join": 1, "heartbeat": 1.0})
+    client_message(link, 1, {"type": "WORKER_REGISTER"})
+    # Refused at once, but only after what the messages before it made.
+    client_message(
+        link, 1, {"type": "TASK_COMPLETED", "taskId": "t-0", "resultUrl": "u"}
+    )
+    client_message(link, 2, {"type": "CREATE_SESSION"})
+
+    core.go()
+    try:
+        assert receive(link).command is Command.WELCOME
+        delivered: list[tuple[int, str]] = []
+        session_id = ""
+        while len(delivered) < 3:
+            envelope = next_delivery(link)
+            message = envelope.header["message"]
+            delivered.append((envelope.header["client"], message["type"]))
+            session_id = message.get("sessionId", session_id)
+        assert delivered == [
+            (1, "WORKER_REGISTERED"),
+            (1, "ERROR"),
+            (2, "SESSION_CREATED"),
+        ]
+        # WORKER_REGISTER and CREATE_SESSION in one commit: the ERROR's flush
+        # stored the first, the end of the batch the second.
+        assert len(core.saves) == 2
+
+        # A batch of files: its rows are committed by the spool, the tasks
+        # by the one save, before the answer and the assignment go out.
+        core.saves.clear()
+        client_message(
+            link,
+            2,
+            {
+                "type": "SUBMIT_TASKS",
+                "sessionId": session_id,
+                "tasks": [
+                    {"filename": "a.png", "mimeType": "image/png", "size": 1},
+                    {"filename": "b.png", "mimeType": "image/png", "size": 1},
+                ],
+            },
+            b"YQ==",
+            b"Yg==",
+        )
+        seen: list[str] = []
+        while "TASK_ASSIGNED" not in seen:
+            envelope = next_delivery(link)
+            seen.append(envelope.header["message"]["type"])
+            if seen[-1] == "TASK_ASSIGNED":
+                assert [bytes(p) for p in envelope.payloads] == [b"YQ=="]
+        assert seen[:2] == ["TASKS_SUBMITTED", "TASK_ASSIGNED"]
+        assert len(core.saves) == 1
+    finally:
+        core.stop(link)
+        link.close()
+
+
+def test_a_batch_is_stored_before_any_of_it_is_sent(
+    context: zmq.Context[Any], tmp_path: Path
+) -> None:
+    """Every DELIVER of a batch leaves after the batch's commit."""
+    core = Core(context, tmp_path)
+    link = bridge(context)
+    send(link, Command.HELLO, {"bridge": "b", "join": 1, "heartbeat": 1.0})
+    for client in range(1, 6):
+        client_message(link, client, {"type": "WORKER_REGISTER"})
+
+    core.go()
+    try:
+        registered = 0
+        while registered < 5:
+            next_delivery(link)
+            registered += 1
+    finally:
+        core.stop(link)
+        link.close()
+
+    assert [len(changes.workers) for changes in core.saves] == [5]
+    # Nothing but the WELCOME (the routing id and three frames) went out
+    # before the commit.
+    assert core.sent_after.count(0) == 4
+
+
+class _Wrapped:
+    """A socket whose send is replaced; everything else passes through."""
+
+    def __init__(self, socket: zmq.Socket[Any], send: Any) -> None:
+        self._socket = socket
+        self.send = send
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._socket, name)
