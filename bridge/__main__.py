@@ -9,9 +9,11 @@ import asyncio
 import contextlib
 import signal
 import sys
+from collections.abc import Callable
 
 import zmq.asyncio
 
+from bridge.memory import reuse_large_buffers
 from bridge.server import Bridge, BridgeOptions
 from core.__main__ import add_link_options, byte_size, port_number, positive_float
 from linkup import __version__
@@ -98,9 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-async def serve(options: BridgeOptions) -> None:
+async def serve(
+    options: BridgeOptions, release_memory: Callable[[], None] | None = None
+) -> None:
     context = zmq.asyncio.Context()
-    bridge_task = asyncio.create_task(Bridge(context, options).run())
+    bridge = Bridge(context, options, release_memory=release_memory)
+    bridge_task = asyncio.create_task(bridge.run())
     loop = asyncio.get_running_loop()
 
     def stop() -> None:
@@ -122,7 +127,11 @@ async def serve(options: BridgeOptions) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level)
-    return_large_buffers_promptly()
+    # Large buffers are reused while files flow, and given back when idle;
+    # where that cannot be set up, each gets pages of its own, as in the core.
+    release_memory = reuse_large_buffers()
+    if release_memory is None:
+        return_large_buffers_promptly()
     options = BridgeOptions(
         core=args.core,
         host=args.host,
@@ -136,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         core_grace=args.core_grace,
     )
     try:
-        asyncio.run(serve(options))
+        asyncio.run(serve(options, release_memory))
     except OSError as exc:
         sys.exit(f"linkup-bridge: cannot listen on {args.host}:{args.port}: {exc}")
     return 0

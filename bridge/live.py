@@ -135,4 +135,5 @@ async def _send_loop(websocket: ServerConnection, outbox: Outbox) -> None:
                 logger.warning("closing a status page: %s", item.reason)
                 await websocket.close(item.code, item.reason)
                 return
+            assert isinstance(item, bytes)  # views only; no file is spliced in
             await websocket.send(item, text=True)

@@ -10,7 +10,8 @@ parses the payloads at all (:mod:`bridge.payloads`, :func:`parse_cut_message`).
 
 Outbound, :func:`encode_for_client` turns a message from the core into the
 JSON text the plugin reads, splicing a ``TASK_ASSIGNED`` payload into the
-message's bytes rather than building a string around it.
+message's bytes rather than building a string around it; the bridge sends
+the pieces one after the other without joining them (:class:`Spliced`).
 """
 
 from __future__ import annotations
@@ -27,10 +28,12 @@ from core.wire import Payload
 
 __all__ = [
     "Inbound",
+    "Spliced",
     "encode_error",
     "encode_for_client",
     "parse_client_message",
     "parse_cut_message",
+    "splice_for_client",
 ]
 
 # The plugin is JavaScript, whose integers are exact up to 2**53 - 1; the
@@ -255,29 +258,68 @@ def _json_string_body(text: str) -> bytes:
     return orjson.dumps(text)[1:-1]
 
 
-def encode_for_client(message: dict[str, Any], payload: Any = None) -> bytes:
+@dataclass(frozen=True, slots=True)
+class Spliced:
     """
-    The JSON text of a message from the core, with its payload spliced in.
-
-    A payload belongs in ``message["task"]["dataBase64"]``; it is the JSON
-    string body made by :func:`parse_client_message`.
+    A message for a plugin as pieces whose concatenation is its JSON text:
+    the JSON before a payload, the payload, and the JSON after it. The
+    bridge writes them back to back as one WebSocket message
+    (``BridgeConnection.send_messages``) and never joins them, so a file is
+    not copied on its way out.
 
     """
-    if payload is None:
-        return orjson.dumps(message)
 
+    #: Bytes-like objects: bytes, or a memoryview of the core's frame.
+    pieces: tuple[Any, ...]
+    #: Their total length in bytes.
+    size: int
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __bytes__(self) -> bytes:
+        return b"".join(self.pieces)
+
+
+def splice_for_client(message: dict[str, Any], payload: Any) -> Spliced:
+    """
+    The JSON text of a message from the core with its payload spliced into
+    ``message["task"]["dataBase64"]``, as pieces.
+
+    ``payload`` is the JSON string body made by :func:`parse_client_message`
+    or cut by ``bridge.payloads``, as any bytes-like object (a ``zmq.Frame``
+    from the link): the last piece but one is a view of it, not a copy.
+
+    """
     others = {key: value for key, value in message.items() if key != "task"}
     task = orjson.dumps(message["task"])
-    return b"".join(
+    # One piece before the payload: the message without its task, then the
+    # task without its closing brace, then the start of dataBase64.
+    head = b"".join(
         (
             orjson.dumps(others)[:-1],
             b',"task":' if others else b'"task":',
             task[:-1],
             b',"dataBase64":"' if len(task) > 2 else b'"dataBase64":"',
-            payload,
-            b'"}}',
         )
     )
+    body = memoryview(payload)
+    return Spliced((head, body, b'"}}'), len(head) + body.nbytes + 3)
+
+
+def encode_for_client(message: dict[str, Any], payload: Any = None) -> bytes:
+    """
+    The JSON text of a message from the core, with its payload spliced in.
+
+    A payload belongs in ``message["task"]["dataBase64"]``; it is the JSON
+    string body made by :func:`parse_client_message`. The bridge itself
+    sends a message with a payload as :func:`splice_for_client` makes it;
+    this is the same text in one piece.
+
+    """
+    if payload is None:
+        return orjson.dumps(message)
+    return bytes(splice_for_client(message, payload))
 
 
 def encode_error(error: LinkupError) -> bytes:

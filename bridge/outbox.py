@@ -20,8 +20,15 @@ bridge hold an ever growing backlog:
   waiting")``. One message larger than ``max_bytes`` is still accepted into
   an empty outbox, so that a large file reaches a worker that keeps up.
 
-The message being written to the WebSocket has left the outbox and does not
-count; at most that one message more is held for a connection.
+The messages being written to the WebSocket have left the outbox and do not
+count. The sender takes one message (:meth:`Outbox.get`) and with it those
+that wait right behind it, up to ``batch_bytes`` in all
+(:meth:`Outbox.take_ready`), so that at most about one message, or
+``batch_bytes`` of small ones, more is held for a connection.
+
+A message is ``bytes`` or, for a ``TASK_ASSIGNED`` with its file, a
+:class:`bridge.messages.Spliced` (the file stays a view of the core's frame);
+either counts its length.
 
 Pure: no I/O, no clock, no logging. One consumer may wait in :meth:`get`.
 """
@@ -34,6 +41,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from websockets.frames import CloseCode
+
+from bridge.messages import Spliced
 
 __all__ = ["CLOSE_TOO_SLOW", "DEFAULT_MAX_BYTES", "Close", "Outbox"]
 
@@ -74,7 +83,7 @@ class Outbox:
         self.max_bytes = max_bytes
         #: Called once, with the Close it queued, when the outbox overflows.
         self.on_overflow: Callable[[Close], None] | None = None
-        self._items: deque[bytes | _Latest | Close] = deque()
+        self._items: deque[bytes | Spliced | _Latest | Close] = deque()
         self._bytes = 0
         # The waiting snapshot that put_latest replaces, if any.
         self._latest: _Latest | None = None
@@ -101,7 +110,7 @@ class Outbox:
         """
         return self._closing
 
-    def put_nowait(self, item: bytes | Close) -> None:
+    def put_nowait(self, item: bytes | Spliced | Close) -> None:
         """
         Queue a message, or the request to close after what is queued.
 
@@ -144,7 +153,7 @@ class Outbox:
         self._bytes += len(data) - len(latest.data)
         latest.data = data
 
-    async def get(self) -> bytes | Close:
+    async def get(self) -> bytes | Spliced | Close:
         """
         Wait for the next item and take it.
 
@@ -152,6 +161,32 @@ class Outbox:
         while not self._items:
             self._ready.clear()
             await self._ready.wait()
+        return self._take()
+
+    def take_ready(self, batch_bytes: int) -> list[bytes | Spliced]:
+        """
+        Take the messages waiting at the front, without waiting, while they
+        add up to at most ``batch_bytes``; never a Close, nor what is behind
+        one.
+
+        """
+        taken: list[bytes | Spliced] = []
+        budget = batch_bytes
+        items = self._items
+        while items:
+            item = items[0]
+            if isinstance(item, Close):
+                break
+            size = len(item.data) if isinstance(item, _Latest) else len(item)
+            if size > budget:
+                break
+            budget -= size
+            message = self._take()
+            assert not isinstance(message, Close)
+            taken.append(message)
+        return taken
+
+    def _take(self) -> bytes | Spliced | Close:
         item = self._items.popleft()
         if isinstance(item, Close):
             return item
@@ -161,7 +196,7 @@ class Outbox:
         self._bytes -= len(item)
         return item
 
-    def _append(self, item: bytes | _Latest | Close) -> None:
+    def _append(self, item: bytes | Spliced | _Latest | Close) -> None:
         self._items.append(item)
         self._ready.set()
 

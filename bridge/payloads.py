@@ -19,7 +19,6 @@ the caller parses the message the ordinary way.
 
 from __future__ import annotations
 
-import re
 import secrets
 from dataclasses import dataclass
 
@@ -32,7 +31,12 @@ _KEY = b'"dataBase64"'
 _WHITESPACE = b" \t\r\n"
 # Printable ASCII except the quote and the backslash: bytes that read the same
 # inside a JSON string as outside it.
-_VERBATIM = re.compile(rb"[ !#-\[\]-~]*")
+_VERBATIM = bytes(c for c in range(0x20, 0x7F) if c not in b'"\\')
+# is_verbatim copies a view a slice at a time (bytes.translate reads only
+# bytes objects): small enough to stay in the CPU's cache, and far below
+# glibc's mmap threshold (linkup/memory.py), so every slice reuses the same
+# heap memory instead of faulting in fresh pages.
+_SLICE = 64 * 1024
 
 
 @dataclass(slots=True)
@@ -98,13 +102,19 @@ def cut_payloads(raw: bytes) -> CutMessage | None:
 
 def is_verbatim(payload: memoryview) -> bool:
     """
-    Whether ``payload`` reads the same inside a JSON string as it is.
+    Whether ``payload`` reads the same inside a JSON string as it is: every
+    byte printable ASCII (0x20 to 0x7E) other than ``"`` and ``\\``.
 
-    Base64 always does. The check runs at about 500 MB/s; the bridge makes it
-    one file at a time so that other work runs in between.
+    Base64 always does. ``bytes.translate`` deletes the allowed bytes from
+    each slice, so anything left over fails the check; it runs at about
+    2.5 GB/s, where a regular expression ran at 0.5 to 0.9 GB/s. The bridge
+    checks one file at a time so that other work runs in between.
 
     """
-    return _VERBATIM.fullmatch(payload) is not None
+    for start in range(0, len(payload), _SLICE):
+        if payload[start : start + _SLICE].tobytes().translate(None, _VERBATIM):
+            return False
+    return True
 
 
 def _escaped(raw: bytes, quote: int) -> bool:

@@ -16,6 +16,7 @@ import contextlib
 import functools
 import itertools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -28,18 +29,19 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 
 from bridge import http
+from bridge.connection import COALESCE_BYTES, BridgeConnection
 from bridge.continuity import OPENING_REQUESTS, REPORTS, Continuity
-from bridge.keepalive import KeepaliveConnection
 from bridge.link import CoreLink
 from bridge.live import LIVE_PATH, LiveStatus
 from bridge.messages import (
     KNOWN_TYPES,
     OUTBOUND_TYPES,
     Inbound,
+    Spliced,
     encode_error,
-    encode_for_client,
     parse_client_message,
     parse_cut_message,
+    splice_for_client,
 )
 from bridge.outbox import DEFAULT_MAX_BYTES, Close, Outbox
 from bridge.payloads import LARGE_MESSAGE, cut_payloads, is_verbatim
@@ -68,6 +70,10 @@ CLOSE_TRY_AGAIN_LATER = 1013
 # even for a client that has stopped reading, and the bridge's shutdown with
 # it: below the 5 s that `linkup` gives the bridge to stop.
 CLOSE_TIMEOUT = 4.0
+
+# With large buffers reused (bridge.memory), free memory is given back once
+# this long has passed without a large message either way.
+RELEASE_MEMORY_AFTER = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +111,7 @@ _Close = Close
 @dataclass(eq=False, slots=True)
 class _Client:
     number: int
-    websocket: ServerConnection
+    websocket: BridgeConnection
     #: Bounded: see bridge.outbox.
     outbox: Outbox
     continuity: Continuity = field(default_factory=Continuity)
@@ -117,7 +123,13 @@ class Bridge:
 
     """
 
-    def __init__(self, context: zmq.asyncio.Context, options: BridgeOptions) -> None:
+    def __init__(
+        self,
+        context: zmq.asyncio.Context,
+        options: BridgeOptions,
+        *,
+        release_memory: Callable[[], None] | None = None,
+    ) -> None:
         self.options = options
         self.link = CoreLink(
             context,
@@ -135,6 +147,10 @@ class Bridge:
         self._departed: dict[int, Continuity] = {}
         self._request_numbers = itertools.count(1)
         self._background: set[asyncio.Task[None]] = set()
+        #: Gives the heap's free memory back (bridge.memory), if anything.
+        self._release_memory = release_memory
+        #: Bytes of large messages received and of payloads sent, so far.
+        self._large_bytes = 0
 
         self.live = LiveStatus(self.link.instance[:8], self._watch)
 
@@ -170,10 +186,11 @@ class Bridge:
                     # Deflate costs ~20 ms of CPU per MiB of Base64 and the
                     # LAN does not need it.
                     compression=None,
-                    # KeepaliveConnection takes ping_timeout as the time a
-                    # ping may wait while no byte moves either way; it turns
-                    # websockets' own, pong-only, timeout off.
-                    create_connection=KeepaliveConnection,
+                    # BridgeConnection (a KeepaliveConnection) takes
+                    # ping_timeout as the time a ping may wait while no byte
+                    # moves either way; it turns websockets' own, pong-only,
+                    # timeout off. It also sends and reads with fewer copies.
+                    create_connection=BridgeConnection,
                     ping_interval=self.options.ping_interval,
                     ping_timeout=self.options.ping_timeout,
                     close_timeout=CLOSE_TIMEOUT,
@@ -188,10 +205,27 @@ class Bridge:
                     self.options.core,
                 )
                 tasks.create_task(self.link.run())
+                if self._release_memory is not None:
+                    tasks.create_task(self._release_memory_when_idle())
                 await asyncio.Future()  # until cancelled
         finally:
             await self.link.close()
             logger.info("bridge stopped")
+
+    async def _release_memory_when_idle(self) -> None:
+        # Files in flight reuse the heap's memory (bridge.memory); once they
+        # stop, it goes back to the system.
+        assert self._release_memory is not None
+        seen = self._large_bytes
+        held = False
+        while True:
+            await asyncio.sleep(RELEASE_MEMORY_AFTER)
+            if self._large_bytes != seen:
+                seen = self._large_bytes
+                held = True
+            elif held:
+                self._release_memory()
+                held = False
 
     # Statistics, for /status.
 
@@ -251,6 +285,7 @@ class Bridge:
                 )
                 return
 
+        assert isinstance(websocket, BridgeConnection)
         client = _Client(
             next(self._numbers), websocket, Outbox(self.options.max_outbox_bytes)
         )
@@ -279,6 +314,11 @@ class Bridge:
                     self._refuse(client, InternalError())
                     continue
                 await self._forward(client, inbound)
+                if inbound.size >= LARGE_MESSAGE:
+                    # websockets keeps the last frame it parsed, here the
+                    # whole batch, until the next one arrives: a ping makes
+                    # the plugin's pong that next frame.
+                    await websocket.ping()
                 del inbound
         except ConnectionClosed as exc:
             if exc.sent is not None and exc.sent.code == CloseCode.MESSAGE_TOO_BIG:
@@ -314,6 +354,8 @@ class Bridge:
         return inbound
 
     async def _parse_unchecked(self, raw: bytes) -> Inbound:
+        if len(raw) >= LARGE_MESSAGE:
+            self._large_bytes += len(raw)
         # Large batches: cut the files out unparsed, checking them one at a
         # time and letting heartbeats and other clients run in between.
         if len(raw) >= LARGE_MESSAGE and (cut := cut_payloads(raw)) is not None:
@@ -404,12 +446,14 @@ class Bridge:
                     # Bounded by CLOSE_TIMEOUT (KeepaliveConnection.close).
                     await websocket.close(item.code, item.reason)
                     return
+                # The small messages waiting behind it go in the same write.
+                batch = [item, *outbox.take_ready(COALESCE_BYTES)]
                 try:
-                    # Cancelling send() is safe here: it only ever waits after
-                    # writing the whole frame to the transport, for the buffer
-                    # to drain.
+                    # Cancelling send_messages() is safe here: it only ever
+                    # waits after writing every frame to the transport, for
+                    # the buffer to drain.
                     async with asyncio.timeout(None) as sending:
-                        await websocket.send(item, text=True)
+                        await websocket.send_messages(batch)
                 except TimeoutError:
                     pass
                 finally:
@@ -449,7 +493,11 @@ class Bridge:
                         client.number,
                         0 if payload is None else len(payload),
                     )
-                data = encode_for_client(message, payload)
+                if payload is None:
+                    data: bytes | Spliced = orjson.dumps(message)
+                else:
+                    data = splice_for_client(message, payload)
+                    self._large_bytes += len(data)
                 self.metrics.message_sent(message.get("type"), len(data))
                 client.outbox.put_nowait(data)
             case Command.BROADCAST:

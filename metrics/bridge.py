@@ -97,14 +97,22 @@ class BridgeMetrics:
             registry=registry,
         )
         # Series for every known label value exist from the first scrape.
-        for message_type in (*self._message_types, OTHER, INVALID):
-            self.messages_received.labels(message_type)
-        for message_type in (*self._outbound_types, OTHER):
-            self.messages_sent.labels(message_type)
-        for code in (*self._error_codes, OTHER):
-            self.errors_sent.labels(code)
-        for direction in ("received", "sent"):
-            self.message_bytes.labels(direction)
+        # The children are kept: labels() costs microseconds per message.
+        self._received = {
+            label: self.messages_received.labels(label) for label in self._message_types
+        }
+        self._received_other = self.messages_received.labels(OTHER)
+        self._received_invalid = self.messages_received.labels(INVALID)
+        self._sent = {
+            label: self.messages_sent.labels(label) for label in self._outbound_types
+        }
+        self._sent_other = self.messages_sent.labels(OTHER)
+        self._errors = {
+            code: self.errors_sent.labels(code) for code in self._error_codes
+        }
+        self._errors_other = self.errors_sent.labels(OTHER)
+        self._received_bytes = self.message_bytes.labels("received")
+        self._sent_bytes = self.message_bytes.labels("sent")
 
     def message_received(self, message_type: str | None, size: int) -> None:
         """
@@ -112,18 +120,17 @@ class BridgeMetrics:
 
         """
         if message_type is None:
-            label = INVALID
-        elif message_type in self._message_types:
-            label = message_type
+            self._received_invalid.inc()
         else:
-            label = OTHER
-        self.messages_received.labels(label).inc()
-        self.message_bytes.labels("received").observe(size)
+            self._received.get(message_type, self._received_other).inc()
+        self._received_bytes.observe(size)
 
     def message_sent(self, message_type: object, size: int) -> None:
-        label = message_type if message_type in self._outbound_types else OTHER
-        self.messages_sent.labels(label).inc()
-        self.message_bytes.labels("sent").observe(size)
+        counter = (
+            self._sent.get(message_type) if isinstance(message_type, str) else None
+        )
+        (self._sent_other if counter is None else counter).inc()
+        self._sent_bytes.observe(size)
 
     def error_sent(self, code: str) -> None:
-        self.errors_sent.labels(code if code in self._error_codes else OTHER).inc()
+        self._errors.get(code, self._errors_other).inc()

@@ -8,10 +8,11 @@ import asyncio
 
 import pytest
 
+from bridge.messages import Spliced, splice_for_client
 from bridge.outbox import CLOSE_TOO_SLOW, DEFAULT_MAX_BYTES, Close, Outbox
 
 
-def drain(outbox: Outbox) -> list[bytes | Close]:
+def drain(outbox: Outbox) -> list[bytes | Spliced | Close]:
     """
     Everything the outbox holds now, in order, without waiting.
 
@@ -181,3 +182,47 @@ def test_snapshots_alone_never_overflow(count: int):
     assert overflows == []
     assert len(outbox) == 1
     assert drain(outbox) == [b"%d" % (count - 1) + b" " * 90]
+
+
+# take_ready: what the sender writes together with the message it took.
+
+
+def test_take_ready_takes_what_waits_up_to_the_budget():
+    outbox = Outbox(max_bytes=1000)
+    for size in (10, 20, 30, 40):
+        outbox.put_nowait(b"x" * size)
+    assert asyncio.run(outbox.get()) == b"x" * 10
+    assert outbox.take_ready(55) == [b"x" * 20, b"x" * 30]
+    assert outbox.queued_bytes == 40
+    assert drain(outbox) == [b"x" * 40]
+
+
+def test_take_ready_stops_at_a_close_and_never_takes_it():
+    outbox = Outbox()
+    outbox.put_nowait(b"a")
+    outbox.put_nowait(Close(1000, "bye"))
+    assert outbox.take_ready(100) == [b"a"]
+    assert outbox.take_ready(100) == []
+    assert drain(outbox) == [Close(1000, "bye")]
+
+
+def test_take_ready_takes_a_waiting_snapshot_and_frees_its_place():
+    outbox = Outbox()
+    outbox.put_nowait(b"a")
+    outbox.put_latest(b"stats-1")
+    assert outbox.take_ready(100) == [b"a", b"stats-1"]
+    # The next snapshot is queued anew, not written into the one taken.
+    outbox.put_latest(b"stats-2")
+    assert drain(outbox) == [b"stats-2"]
+    assert outbox.queued_bytes == 0
+
+
+def test_spliced_messages_count_their_whole_size():
+    outbox = Outbox(max_bytes=100)
+    message = {"type": "TASK_ASSIGNED", "task": {"id": "t"}}
+    spliced = splice_for_client(message, b"Q" * 60)
+    outbox.put_nowait(spliced)
+    assert outbox.queued_bytes == len(bytes(spliced))
+    assert outbox.take_ready(len(spliced) - 1) == []
+    assert outbox.take_ready(len(spliced)) == [spliced]
+    assert outbox.queued_bytes == 0

@@ -1,0 +1,213 @@
+"""
+The bridge's WebSocket connection: websockets' own, with fewer copies.
+
+A file goes through the bridge twice: into it in a master's batch and out of
+it in a worker's ``TASK_ASSIGNED``. websockets copies each large message a
+few times on the way, and with glibc's mmap threshold at 1 MiB
+(linkup/memory.py) every large copy also lands in fresh pages that the
+kernel must fault in and zero: on a 2-CPU test machine that doubled what a
+copy of a 1 MiB file cost. :class:`BridgeConnection` removes the copies that
+websockets does not need:
+
+- Sending, :meth:`BridgeConnection.send_messages` writes each message as a
+  frame header followed by its pieces (:class:`bridge.messages.Spliced`: the
+  JSON around a file and the file itself, a view of the frame the core sent),
+  where ``send()`` would have the bridge join the pieces and websockets copy
+  them again behind the header (``Frame.serialize``). Small writes are
+  joined (:func:`coalesce`), so that several small messages queued for one
+  client leave in one system call instead of one each.
+- Receiving, websockets (``websockets.streams.StreamReader``) appends each
+  read from the socket to one growing buffer, which may move as it grows,
+  and then slices a frame's payload out of it: copies of the whole frame.
+  For a large frame, :class:`_Reader` keeps the reads and joins them once,
+  into the buffer it hands over.
+
+Everything else (the protocol's state, closing, pings, flow control) is
+websockets' own. This leans on attributes of websockets' sans-I/O
+``Protocol`` that are not documented API (``writes``, ``reader``,
+``expect_continuation_frame``); tests/bridge/test_connection.py checks the
+bytes on the wire against a real websockets client.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Generator, Iterable, Sequence
+from typing import Any
+
+from websockets.asyncio.server import Server
+from websockets.exceptions import InvalidState, ProtocolError
+from websockets.protocol import State
+from websockets.server import ServerProtocol
+from websockets.streams import StreamReader
+
+from bridge.keepalive import KeepaliveConnection
+from bridge.memory import MMAP_THRESHOLD
+from bridge.messages import Spliced
+
+__all__ = ["COALESCE_BYTES", "BridgeConnection", "coalesce", "text_frame_header"]
+
+#: Writes smaller than this are joined with their neighbours into one write.
+COALESCE_BYTES = 64 * 1024
+
+#: A frame whose payload is at least this large is read by _Reader with
+#: fewer copies than websockets' own reader makes.
+_HAND_OVER_BYTES = 64 * 1024
+
+# FIN and the text opcode; a server's frames are not masked.
+_TEXT_FIN = 0x81
+
+
+def text_frame_header(length: int) -> bytes:
+    """
+    The header of an unmasked, unfragmented text frame of ``length`` bytes.
+
+    """
+    if length < 126:
+        return struct.pack("!BB", _TEXT_FIN, length)
+    if length < 65536:
+        return struct.pack("!BBH", _TEXT_FIN, 126, length)
+    return struct.pack("!BBQ", _TEXT_FIN, 127, length)
+
+
+def coalesce(writes: Sequence[Any]) -> list[Any]:
+    """
+    Join runs of small writes, keep large ones as they are.
+
+    An empty write is websockets' end of stream (``SEND_EOF``) and stays on
+    its own, in its place.
+
+    """
+    result: list[Any] = []
+    run: list[Any] = []
+    run_bytes = 0
+    for data in writes:
+        size = len(data)
+        if size and size < COALESCE_BYTES and run_bytes + size <= COALESCE_BYTES:
+            run.append(data)
+            run_bytes += size
+            continue
+        if run:
+            result.append(run[0] if len(run) == 1 else b"".join(run))
+            run = []
+            run_bytes = 0
+        if size and size < COALESCE_BYTES:
+            run.append(data)
+            run_bytes = size
+        else:
+            result.append(data)
+    if run:
+        result.append(run[0] if len(run) == 1 else b"".join(run))
+    return result
+
+
+class _Reader(StreamReader):
+    # websockets' reader, but a large frame's payload is copied only once.
+    # websockets appends every read from the socket to one bytearray, which
+    # glibc may move (a copy) each time it grows, and then slices the payload
+    # out of it (another copy). Here the reads that make up a large payload
+    # are kept as they came and joined once, when the last one has arrived:
+    # memory grows only with what arrives, and the joined buffer comes from
+    # the heap that the last message freed (bridge.memory). Above glibc's
+    # mmap threshold, growing the buffer only remaps pages, so a payload that
+    # large grows in the buffer as before, and only the slice is saved: the
+    # buffer itself is handed over. Either way the bytes that follow the
+    # payload (less than one read) start the read buffer again.
+
+    # Set while read_exact collects a payload: the reads so far.
+    _chunks: list[bytes | bytearray] | None = None
+    _chunk_bytes = 0
+
+    def feed_data(self, data: bytes | bytearray) -> None:
+        chunks = self._chunks
+        if chunks is None:
+            super().feed_data(data)
+            return
+        if self.eof:
+            raise EOFError("stream ended")
+        # asyncio hands over a new bytes object for every read; anything
+        # else might be reused by its owner.
+        chunks.append(data if type(data) is bytes else bytes(data))
+        self._chunk_bytes += len(data)
+
+    def read_exact(self, n: int) -> Generator[None, None, bytearray]:
+        if n < _HAND_OVER_BYTES:
+            return (yield from super().read_exact(n))
+        if len(self.buffer) < n <= MMAP_THRESHOLD:
+            self._chunks = [self.buffer]
+            self._chunk_bytes = len(self.buffer)
+            self.buffer = bytearray()
+            try:
+                while self._chunk_bytes < n:
+                    if self.eof:
+                        raise EOFError(
+                            f"stream ends after {self._chunk_bytes} bytes, "
+                            f"expected {n} bytes"
+                        )
+                    yield
+            finally:
+                chunks, self._chunks = self._chunks, None
+                self.buffer = bytearray().join(chunks)
+                del chunks
+        while len(self.buffer) < n:
+            if self.eof:
+                p = len(self.buffer)
+                raise EOFError(f"stream ends after {p} bytes, expected {n} bytes")
+            yield
+        data = self.buffer
+        self.buffer = data[n:]
+        del data[n:]
+        return data
+
+
+class BridgeConnection(KeepaliveConnection):
+    """
+    :class:`KeepaliveConnection` with the copy-saving sends and reads above.
+
+    Pass it to ``serve(create_connection=...)``.
+
+    """
+
+    def __init__(self, protocol: ServerProtocol, server: Server, **kwargs: Any) -> None:
+        super().__init__(protocol, server, **kwargs)
+        # The same object, so that the opening handshake, which the parser
+        # is already waiting for in read_line, reads from it as before.
+        protocol.reader.__class__ = _Reader
+
+    async def send_messages(self, messages: Iterable[bytes | Spliced]) -> None:
+        """
+        Send each of ``messages`` as a text frame: UTF-8 that the caller
+        vouches for, as ``send(message, text=True)`` would, but in one go
+        and without joining a :class:`Spliced` message's pieces.
+
+        Like ``send()``, waits only after everything is written to the
+        transport, for its buffer to drain, so cancelling it loses nothing
+        that was not already on its way.
+
+        Raises:
+            ConnectionClosed: When the connection is closed.
+
+        """
+        async with self.send_context():
+            protocol = self.protocol
+            # As websockets' Protocol.send_text checks; the bridge never
+            # sends fragmented messages, so the first never fails.
+            if protocol.expect_continuation_frame:
+                raise ProtocolError("expected a continuation frame")
+            if protocol.state is not State.OPEN:
+                raise InvalidState(f"connection is {protocol.state.name.lower()}")
+            writes: list[Any] = protocol.writes
+            for message in messages:
+                writes.append(text_frame_header(len(message)))
+                # Never an empty write: websockets reads it as end of stream.
+                if isinstance(message, Spliced):
+                    writes.extend(piece for piece in message.pieces if len(piece))
+                elif message:
+                    writes.append(message)
+
+    def send_data(self) -> None:
+        # Called by websockets with the frames it queued, and by
+        # send_messages' send_context: fewer, larger writes.
+        if len(self.protocol.writes) > 1:
+            self.protocol.writes = coalesce(self.protocol.writes)
+        super().send_data()
