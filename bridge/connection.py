@@ -31,9 +31,10 @@ bytes on the wire against a real websockets client.
 
 from __future__ import annotations
 
+import mmap
 import struct
 from collections.abc import Generator, Iterable, Sequence
-from typing import Any
+from typing import Any, cast
 
 from websockets.asyncio.server import Server
 from websockets.exceptions import InvalidState, ProtocolError
@@ -108,56 +109,94 @@ class _Reader(StreamReader):
     # out of it (another copy). Here the reads that make up a large payload
     # are kept as they came and joined once, when the last one has arrived:
     # memory grows only with what arrives, and the joined buffer comes from
-    # the heap that the last message freed (bridge.memory). Above glibc's
-    # mmap threshold, growing the buffer only remaps pages, so a payload that
-    # large grows in the buffer as before, and only the slice is saved: the
-    # buffer itself is handed over. Either way the bytes that follow the
-    # payload (less than one read) start the read buffer again.
+    # the heap that the last message freed (bridge.memory). A payload above
+    # glibc's mmap threshold is written as it arrives into an anonymous
+    # mapping of its size instead: the kernel gives it pages only as they are
+    # written, so memory still grows only with what arrives, and none of it
+    # passes through the heap, where the buffer's growth left tens of MB that
+    # the heap kept after the frame had gone. Either way the bytes that
+    # follow the payload (less than one read) start the read buffer again.
 
     # Set while read_exact collects a payload: the reads so far.
     _chunks: list[bytes | bytearray] | None = None
     _chunk_bytes = 0
+    # Set while read_exact collects a payload above the mmap threshold: the
+    # mapping it is written into, and how much of it is written.
+    _mapping: mmap.mmap | None = None
+    _mapped_bytes = 0
 
     def feed_data(self, data: bytes | bytearray) -> None:
-        chunks = self._chunks
-        if chunks is None:
+        chunks, mapping = self._chunks, self._mapping
+        if chunks is None and mapping is None:
             super().feed_data(data)
             return
         if self.eof:
             raise EOFError("stream ended")
-        # asyncio hands over a new bytes object for every read; anything
-        # else might be reused by its owner.
-        chunks.append(data if type(data) is bytes else bytes(data))
-        self._chunk_bytes += len(data)
+        if mapping is not None:
+            self._map_data(mapping, data)
+        elif chunks is not None:
+            # asyncio hands over a new bytes object for every read; anything
+            # else might be reused by its owner.
+            chunks.append(data if type(data) is bytes else bytes(data))
+            self._chunk_bytes += len(data)
+
+    def _map_data(self, mapping: mmap.mmap, data: bytes | bytearray) -> None:
+        # Copies, so a buffer its owner reuses is safe here too.
+        start = self._mapped_bytes
+        taken = min(len(data), len(mapping) - start)
+        with memoryview(data) as view:
+            mapping[start : start + taken] = view[:taken]
+            self.buffer += view[taken:]
+        self._mapped_bytes = start + taken
 
     def read_exact(self, n: int) -> Generator[None, None, bytearray]:
         if n < _HAND_OVER_BYTES:
             return (yield from super().read_exact(n))
-        if len(self.buffer) < n <= MMAP_THRESHOLD:
-            self._chunks = [self.buffer]
-            self._chunk_bytes = len(self.buffer)
-            self.buffer = bytearray()
-            try:
-                while self._chunk_bytes < n:
-                    if self.eof:
-                        raise EOFError(
-                            f"stream ends after {self._chunk_bytes} bytes, "
-                            f"expected {n} bytes"
-                        )
-                    yield
-            finally:
-                chunks, self._chunks = self._chunks, None
-                self.buffer = bytearray().join(chunks)
-                del chunks
-        while len(self.buffer) < n:
-            if self.eof:
-                p = len(self.buffer)
-                raise EOFError(f"stream ends after {p} bytes, expected {n} bytes")
-            yield
+        if len(self.buffer) >= n:
+            data = self.buffer
+            self.buffer = data[n:]
+            del data[n:]
+            return data
+        if n > MMAP_THRESHOLD:
+            return (yield from self._read_mapped(n))
+        self._chunks = [self.buffer]
+        self._chunk_bytes = len(self.buffer)
+        self.buffer = bytearray()
+        try:
+            while self._chunk_bytes < n:
+                self._wait_for(self._chunk_bytes, n)
+                yield
+        finally:
+            chunks, self._chunks = self._chunks, None
+            self.buffer = bytearray().join(chunks)
+            del chunks
         data = self.buffer
         self.buffer = data[n:]
         del data[n:]
         return data
+
+    def _read_mapped(self, n: int) -> Generator[None, None, bytearray]:
+        # A view of the mapping stands in for a bytearray: websockets only
+        # unmasks the payload (apply_mask takes bytes, bytearray or a
+        # memoryview), which copies it into the bytes of the frame, and then
+        # lets the view go, and with it the mapping.
+        mapping = mmap.mmap(-1, n)
+        buffered, self.buffer = self.buffer, bytearray()
+        self._mapping = mapping
+        self._mapped_bytes = 0
+        try:
+            self._map_data(mapping, buffered)
+            del buffered
+            while self._mapped_bytes < n:
+                self._wait_for(self._mapped_bytes, n)
+                yield
+        finally:
+            self._mapping = None
+        return cast(bytearray, memoryview(mapping))
+
+    def _wait_for(self, received: int, n: int) -> None:
+        if self.eof:
+            raise EOFError(f"stream ends after {received} bytes, expected {n} bytes")
 
 
 class BridgeConnection(KeepaliveConnection):

@@ -204,7 +204,14 @@ async def test_send_messages_after_close_raises_connection_closed() -> None:
 # Receiving: large frames handed over rather than copied.
 
 
-async def test_large_and_small_messages_arrive_whole_and_in_order() -> None:
+@pytest.mark.parametrize("threshold", [bridge_connection.MMAP_THRESHOLD, 100_000])
+async def test_large_and_small_messages_arrive_whole_and_in_order(
+    threshold: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A threshold of 100 kB sends the larger frames through the mapping that
+    # frames above glibc's mmap threshold are written into, and websockets'
+    # own unmasking of it.
+    monkeypatch.setattr(bridge_connection, "MMAP_THRESHOLD", threshold)
     sizes = [3, 70_000, 5, 2**20 + 7, 65_536, 65_535, 0, 4 * 2**20, 1]
     sent = [os.urandom(size // 2).hex().encode() + b"x" * (size % 2) for size in sizes]
     received: list[bytes] = []
@@ -287,3 +294,33 @@ def test_the_reader_does_not_keep_a_buffer_its_owner_may_reuse() -> None:
     with pytest.raises(StopIteration) as done:
         next(reading)
     assert bytes(done.value.value) == b"y" * 100_000
+
+
+def test_the_reader_reports_a_stream_that_ends_inside_a_mapped_frame(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(bridge_connection, "MMAP_THRESHOLD", 100_000)
+    reader = new_reader()
+    reading = reader.read_exact(250_000)
+    next(reading)
+    reader.feed_data(b"x" * 1000)
+    next(reading)
+    reader.feed_eof()
+    with pytest.raises(EOFError, match="after 1000 bytes"):
+        next(reading)
+
+
+def test_a_mapped_frame_does_not_keep_a_buffer_its_owner_may_reuse(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(bridge_connection, "MMAP_THRESHOLD", 100_000)
+    reader = new_reader()
+    reading = reader.read_exact(250_000)
+    next(reading)
+    data = bytearray(b"y" * 250_001)
+    reader.feed_data(data)
+    data[:] = b"z" * 250_001
+    with pytest.raises(StopIteration) as done:
+        next(reading)
+    assert bytes(done.value.value) == b"y" * 250_000
+    assert reader.buffer == b"y"
