@@ -17,8 +17,9 @@ Starts ``linkup`` on a free port with a data dir of its own, then:
 A thread samples the RSS of linkup's two children, core and bridge, every
 50 ms. The table gives the peak of core, bridge and their sum in each phase,
 the RSS once everything is queued and nothing moves, the bytes in the spool,
-the time and payload MB/s of each phase and the CPU time of the load
-generator; the JSON file (``--output``) has all of it, the machine, the
+the time and payload MB/s of each phase, the CPU time of the load generator,
+and the memory target (``memory_target``: core and bridge together at most
+256 MB + 2 x the largest message); the JSON file (``--output``) has all of it, the machine, the
 parameters and the RSS time series.
 
 The master writes each message straight to its socket, one file at a time, so
@@ -97,6 +98,8 @@ DEFAULT_OUTPUT = Path(__file__).parent / "results" / "queued_memory.json"
 # linkup's own default --max-message-size; raised only for larger messages.
 LINKUP_MAX_MESSAGE_SIZE = GiB
 SAMPLE_INTERVAL = 0.05
+#: The fixed part of the memory target (256 MB, decimal: the stricter reading).
+TARGET_BASE_BYTES = 256 * 10**6
 SERIES_POINTS = 500
 # Default time left with everything queued and nothing moving, between the
 # phases (--settle).
@@ -1102,7 +1105,7 @@ def _report(
         w.get("cpu_seconds", 0.0) for w in run.workers
     )
     origin = marks.get("phase1_start", samples[0].t if samples else 0.0)
-    return {
+    report: dict[str, Any] = {
         "benchmark": "queued_memory",
         "ok": not run.errors,
         "errors": run.errors,
@@ -1166,6 +1169,51 @@ def _report(
             "points": downsample(samples, origin, SERIES_POINTS),
         },
     }
+    report["results"]["memory_target"] = memory_target(report["results"])
+    return report
+
+
+def memory_target(results: dict[str, Any]) -> dict[str, Any]:
+    """
+    The memory target: peak RSS of core and bridge together at most
+    256 MB + 2 x the largest message. Two readings of "together": the
+    kernel's peak of each process added up, an upper bound, since the two
+    need not peak at once (the bridge peaks while it receives a message, the
+    core after, while it spools it); and the largest sum of one sample. The
+    target is met if the stricter reading available is within the bound.
+
+    """
+    bound = TARGET_BASE_BYTES + 2 * results["largest_message_bytes"]
+    added = [
+        peak["core"] + peak["bridge"]
+        for peak in results["kernel_peak_rss"].values()
+        if peak and peak["core"] is not None and peak["bridge"] is not None
+    ]
+    sampled = [
+        phase["peak_rss"]["sum"]
+        for phase in (results["phase1"], results["phase2"])
+        if phase is not None
+    ]
+    kernel_peaks_added = max(added, default=None)
+    sampled_peak_sum = max(sampled, default=None)
+    strictest = kernel_peaks_added if kernel_peaks_added else sampled_peak_sum
+    return {
+        "bound_bytes": bound,
+        "kernel_peaks_added_bytes": kernel_peaks_added,
+        "sampled_peak_sum_bytes": sampled_peak_sum,
+        "met": strictest is not None and strictest <= bound,
+    }
+
+
+def target_line(target: dict[str, Any]) -> str:
+    """One line for the tables: the bound, both readings, and the verdict."""
+    return (
+        f"memory target {_mib(target['bound_bytes'])} MiB (256 MB + 2 x the "
+        f"largest message): kernel peaks added "
+        f"{_mib(target['kernel_peaks_added_bytes'])}, largest sampled sum "
+        f"{_mib(target['sampled_peak_sum_bytes'])}: "
+        f"{'met' if target['met'] else 'NOT met'}"
+    )
 
 
 def _mib(value: int | None) -> str:
@@ -1217,6 +1265,7 @@ def _table(report: dict[str, Any]) -> str:
             lines.append(
                 f"{label:24}{_mib(hwm[key]['core']):>8}{_mib(hwm[key]['bridge']):>8}"
             )
+    lines.append(target_line(results["memory_target"]))
     detail = results["memory_detail"].get("queued_idle")
     if detail:
         lines.append(

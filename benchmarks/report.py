@@ -9,7 +9,7 @@ import os
 from typing import Any
 
 from benchmarks.clients import BASE64_DECODER
-from benchmarks.queued_memory import machine_info
+from benchmarks.queued_memory import machine_info, target_line
 
 __all__ = ["build_report", "table"]
 
@@ -111,6 +111,7 @@ def _queued_lines(name: str, result: dict[str, Any]) -> list[str]:
         f"{'':<14}{'submit':<8}{'':9}{_number(submit['payload_mb_per_s'], 1)}{'':18}"
         f"  {_rss(submit['peak_rss']):<24}",
         f"{'':<14}{'queued':<8}{'':35}  {_rss(idle):<24}  (all queued, nothing moving)",
+        f"{'':<14}{target_line(run['memory_target'])}",
     ]
 
 

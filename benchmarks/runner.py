@@ -407,6 +407,7 @@ def run_queued(quick: bool, progress: Progress) -> dict[str, Any]:
         "drain": drain,
         "queued_idle_rss": results["queued_idle_rss"],
         "peak_rss": peak,
+        "memory_target": results["memory_target"],
         "load_generator_cpu_seconds": results["load_generator"]["cpu_seconds"],
     }
     if drain:

@@ -21,6 +21,7 @@ import pytest
 
 from benchmarks.clients import RESULT_PREFIX, ResultBook, WorkerTally, split_task
 from benchmarks.payloads import FileMaker, file_name, submit_parts
+from benchmarks.queued_memory import memory_target
 from tests.e2e.harness import UNIT
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -177,11 +178,51 @@ def test_queued_memory_quick_runs_and_reports(tmp_path: Path) -> None:
         assert {"core", "bridge", "sum"} <= results[phase]["peak_rss"].keys()
     assert {"bytes", "files"} <= results["spool_after_phase1"].keys()
     assert "cpu_seconds" in results["load_generator"]
+    target = results["memory_target"]
+    assert target["bound_bytes"] == 256 * 10**6 + 2 * results["largest_message_bytes"]
+    assert target["sampled_peak_sum_bytes"] == max(
+        results[phase]["peak_rss"]["sum"] for phase in ("phase1", "phase2")
+    )
 
     series = report["rss_series"]
     assert series["columns"][:4] == ["t_seconds", "core_rss", "bridge_rss", "sum_rss"]
     assert series["points"]
     assert all(len(point) == len(series["columns"]) for point in series["points"])
+
+
+def queued_results(**kernel: dict[str, int | None]) -> dict[str, Any]:
+    """The part of a queued_memory report that memory_target reads."""
+    return {
+        "largest_message_bytes": 100 * 10**6,
+        "kernel_peak_rss": kernel,
+        "phase1": {"peak_rss": {"sum": 300 * 10**6}},
+        "phase2": {"peak_rss": {"sum": 200 * 10**6}},
+    }
+
+
+def test_memory_target_holds_the_kernel_peaks_added_to_the_bound() -> None:
+    # Bound: 256 MB + 2 x 100 MB = 456 MB.
+    within = queued_results(
+        phase1={"core": 150 * 10**6, "bridge": 306 * 10**6},
+        phase2={"core": 50 * 10**6, "bridge": 100 * 10**6},
+    )
+    over = queued_results(phase1={"core": 150 * 10**6, "bridge": 306 * 10**6 + 1})
+
+    assert memory_target(within) == {
+        "bound_bytes": 456 * 10**6,
+        "kernel_peaks_added_bytes": 456 * 10**6,
+        "sampled_peak_sum_bytes": 300 * 10**6,
+        "met": True,
+    }
+    # The samples stay within; the kernel's peaks, the stricter reading, do not.
+    assert memory_target(over)["met"] is False
+
+
+def test_memory_target_falls_back_to_the_samples_without_kernel_peaks() -> None:
+    target = memory_target(queued_results(phase1={"core": None, "bridge": None}))
+
+    assert target["kernel_peaks_added_bytes"] is None
+    assert target["met"] is True
 
 
 def run_quick(module: str, output: Path, *options: str) -> dict[str, Any]:
