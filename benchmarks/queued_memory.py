@@ -19,8 +19,8 @@ A thread samples the RSS of linkup's two children, core and bridge, every
 the RSS once everything is queued and nothing moves, the bytes in the spool,
 the time and payload MB/s of each phase, the CPU time of the load generator,
 and the memory target (``memory_target``: core and bridge together at most
-256 MB + 2 x the largest message); the JSON file (``--output``) has all of it, the machine, the
-parameters and the RSS time series.
+256 MB + 2 x the largest message); the JSON file (``--output``) has all of it,
+the machine, the parameters and the RSS time series.
 
 The master writes each message straight to its socket, one file at a time, so
 that it stays small however large a message is; every message is one text
