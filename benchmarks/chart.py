@@ -1,6 +1,7 @@
 """
 The suite's chart (PNG): linkup's throughput as a ratio to the relay's per
-scenario, and core and bridge memory over time during the 2 GiB queued run.
+scenario, and core and bridge memory over time during the 2 GiB queued run,
+under the memory target's bound.
 """
 
 from __future__ import annotations
@@ -97,6 +98,17 @@ def _memory(axes: Axes, queued: dict[str, Any] | None) -> None:
         values = [row[index] / MiB for row in points]
         highest = max(highest, *values)
         axes.plot(times, values, label=label, linewidth=1)
+    target = report.get("results", {}).get("memory_target")
+    if target:
+        bound = target["bound_bytes"] / MiB
+        highest = max(highest, bound)
+        axes.axhline(
+            bound,
+            color="tab:red",
+            linestyle="--",
+            linewidth=1,
+            label="target: 256 MB + 2 x largest message",
+        )
     for mark, seconds in series.get("phase_marks", {}).items():
         if mark in PHASE_LABELS:
             axes.axvline(seconds, color="grey", linestyle=":", linewidth=1)
@@ -114,4 +126,4 @@ def _memory(axes: Axes, queued: dict[str, Any] | None) -> None:
     axes.set_ylabel("MiB")
     # Headroom above the peaks for the phase labels; the legend goes below.
     axes.set_ylim(0, highest * 1.3)
-    axes.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncols=3)
+    axes.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncols=2)
