@@ -505,6 +505,10 @@ class CoreServer:
                 self._check_room(sum(len(payload) for payload in payloads))
             # All or nothing. Writing a large batch takes a while: bridges
             # must not take the core's silence meanwhile for its loss.
+            # TODO: the batch arrives whole (ZeroMQ delivers a multipart
+            # message only complete) and stays in memory until it is spooled;
+            # files sent and spooled one by one, with flow control on the
+            # link, would hold one file instead (docs/performance.md, memory).
             keys = self.spool.put_many(payloads, self._heartbeat_due_bridges)
             specs = [
                 TaskSpec(
@@ -565,6 +569,9 @@ class CoreServer:
         self._unspool(changes.freed_payloads)
 
     def _deliver(self, outgoing: list[Outgoing]) -> None:
+        # TODO: one ZeroMQ message per delivery, two per task; the deliveries
+        # of one turn to one bridge in one message would cut what a small
+        # file costs both processes (docs/performance.md, 1 KiB files).
         for item in outgoing:
             if isinstance(item, Send):
                 bridge_id, number = item.client
