@@ -273,10 +273,27 @@ def test_the_reader_returns_each_frame_and_keeps_what_follows(
     assert reader.buffer == b""
 
 
-def test_the_reader_reports_a_stream_that_ends_inside_a_large_frame() -> None:
+# A 250 kB frame: joined from its reads with the default threshold, written
+# into a mapping with a threshold of 100 kB.
+BOTH_PATHS = pytest.mark.parametrize(
+    "threshold", [bridge_connection.MMAP_THRESHOLD, 100_000]
+)
+
+
+def start_large_read(threshold: int, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """A reader waiting in read_exact for a 250 kB frame."""
+    monkeypatch.setattr(bridge_connection, "MMAP_THRESHOLD", threshold)
     reader = new_reader()
-    reading = reader.read_exact(100_000)
+    reading = reader.read_exact(250_000)
     next(reading)
+    return reader, reading
+
+
+@BOTH_PATHS
+def test_the_reader_reports_a_stream_that_ends_inside_a_large_frame(
+    threshold: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reader, reading = start_large_read(threshold, monkeypatch)
     reader.feed_data(b"x" * 1000)
     next(reading)
     reader.feed_eof()
@@ -284,39 +301,11 @@ def test_the_reader_reports_a_stream_that_ends_inside_a_large_frame() -> None:
         next(reading)
 
 
-def test_the_reader_does_not_keep_a_buffer_its_owner_may_reuse() -> None:
-    reader = new_reader()
-    reading = reader.read_exact(100_000)
-    next(reading)
-    data = bytearray(b"y" * 100_000)
-    reader.feed_data(data)
-    data[:] = b"z" * 100_000
-    with pytest.raises(StopIteration) as done:
-        next(reading)
-    assert bytes(done.value.value) == b"y" * 100_000
-
-
-def test_the_reader_reports_a_stream_that_ends_inside_a_mapped_frame(
-    monkeypatch: pytest.MonkeyPatch,
+@BOTH_PATHS
+def test_the_reader_does_not_keep_a_buffer_its_owner_may_reuse(
+    threshold: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(bridge_connection, "MMAP_THRESHOLD", 100_000)
-    reader = new_reader()
-    reading = reader.read_exact(250_000)
-    next(reading)
-    reader.feed_data(b"x" * 1000)
-    next(reading)
-    reader.feed_eof()
-    with pytest.raises(EOFError, match="after 1000 bytes"):
-        next(reading)
-
-
-def test_a_mapped_frame_does_not_keep_a_buffer_its_owner_may_reuse(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(bridge_connection, "MMAP_THRESHOLD", 100_000)
-    reader = new_reader()
-    reading = reader.read_exact(250_000)
-    next(reading)
+    reader, reading = start_large_read(threshold, monkeypatch)
     data = bytearray(b"y" * 250_001)
     reader.feed_data(data)
     data[:] = b"z" * 250_001
