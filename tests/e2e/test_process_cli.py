@@ -258,7 +258,8 @@ def test_help_lists_the_options(command, options):
         ("linkup", ["--heartbeat-interval", "-1"], "--heartbeat-interval"),
         ("linkup-core", ["--heartbeat-interval", "0"], "--heartbeat-interval"),
         ("linkup-core", ["--max-attempts", "0"], "--max-attempts"),
-        ("linkup-core", ["--bind", "nonsense"], "nonsense"),
+        # No metrics port: the default one may be taken by a linkup running here.
+        ("linkup-core", ["--bind", "nonsense", "--metrics-port", "0"], "nonsense"),
         ("linkup-bridge", ["--max-message-size", "1 lot"], "--max-message-size"),
         ("linkup-bridge", ["--max-outbox", "0"], "--max-outbox"),
         ("linkup", ["--max-outbox", "lots"], "--max-outbox"),
