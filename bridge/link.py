@@ -237,6 +237,8 @@ class CoreLink:
                     "heartbeat": self.heartbeat_interval,
                     "join": self._join,
                     "clients": self._claims_of_this_join(),
+                    # This bridge takes several deliveries in one message.
+                    "deliverMany": True,
                 },
             )
         except Unavailable:

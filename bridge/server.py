@@ -477,29 +477,15 @@ class Bridge:
         header = envelope.header
         match envelope.command:
             case Command.DELIVER:
-                client = self._clients.get(header["client"])
-                message = header["message"]
-                if client is None:
-                    logger.debug("- %s for gone client dropped", message.get("type"))
-                    return
-                if message.get("type") == "ERROR":
-                    self.metrics.error_sent(message.get("code", ""))
-                client.continuity.delivered(message, header.get("result"))
-                payload = envelope.payloads[0] if envelope.payloads else None
-                if logger.isEnabledFor(logging.DEBUG):
-                    logger.debug(
-                        "> %s client=%d payload_bytes=%d",
-                        message.get("type"),
-                        client.number,
-                        0 if payload is None else len(payload),
-                    )
-                if payload is None:
-                    data: bytes | Spliced = orjson.dumps(message)
-                else:
-                    data = splice_for_client(message, payload)
-                    self._large_bytes += len(data)
-                self.metrics.message_sent(message.get("type"), len(data))
-                client.outbox.put_nowait(data)
+                self._deliver(envelope)
+            case Command.DELIVER_MANY:
+                # Each delivery on its own, as if each had come alone: a bug
+                # with one must not cost the others their messages.
+                for delivery in wire.deliveries(envelope):
+                    try:
+                        self._deliver(delivery)
+                    except Exception:
+                        logger.error("bug while handling a delivery", exc_info=True)
             case Command.BROADCAST:
                 self._broadcast(header["message"])
             case Command.CLOSE_CLIENT:
@@ -517,6 +503,32 @@ class Bridge:
                     future.set_result(header["stats"])
             case _:
                 logger.warning("unexpected command from core %s", envelope.command.name)
+
+    def _deliver(self, envelope: wire.Envelope) -> None:
+        header = envelope.header
+        client = self._clients.get(header["client"])
+        message = header["message"]
+        if client is None:
+            logger.debug("- %s for gone client dropped", message.get("type"))
+            return
+        if message.get("type") == "ERROR":
+            self.metrics.error_sent(message.get("code", ""))
+        client.continuity.delivered(message, header.get("result"))
+        payload = envelope.payloads[0] if envelope.payloads else None
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "> %s client=%d payload_bytes=%d",
+                message.get("type"),
+                client.number,
+                0 if payload is None else len(payload),
+            )
+        if payload is None:
+            data: bytes | Spliced = orjson.dumps(message)
+        else:
+            data = splice_for_client(message, payload)
+            self._large_bytes += len(data)
+        self.metrics.message_sent(message.get("type"), len(data))
+        client.outbox.put_nowait(data)
 
     def client_claims(self) -> list[dict[str, Any]]:
         claims = [

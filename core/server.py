@@ -84,6 +84,12 @@ BATCH_MESSAGES = 64
 
 # Flags as plain ints: zmq's are enum.IntFlag members, and combining those on
 # every frame (as Socket.send_multipart does) costs more than the send.
+#: A turn's deliveries to one bridge are sent once they carry this much file
+#: data or this many deliveries, so that batching never holds many files
+#: read back from the spool at once, nor builds a huge header.
+BATCH_PAYLOAD_BYTES = 256 * 1024
+BATCH_DELIVERIES = 256
+
 _SEND_MORE = int(zmq.SNDMORE | zmq.NOBLOCK)
 _SEND_LAST = int(zmq.NOBLOCK)
 _RECV_NOW = int(zmq.NOBLOCK)
@@ -105,6 +111,29 @@ class _Bridge:
     last_sent: float
     #: Whether status pages are open on the bridge, and want views.
     watching: bool = False
+    #: Whether the bridge takes DELIVER_MANY (its HELLO says so); a bridge
+    #: from before it gets every delivery as a DELIVER of its own.
+    deliver_many: bool = False
+
+
+class _Deliveries:
+    """DELIVERs waiting to go to one bridge together."""
+
+    __slots__ = ("items", "payload_bytes")
+
+    def __init__(self) -> None:
+        self.items: list[tuple[dict[str, Any], Sequence[Any]]] = []
+        self.payload_bytes = 0
+
+    def add(self, header: dict[str, Any], payloads: Sequence[Any]) -> None:
+        self.items.append((header, payloads))
+        self.payload_bytes += sum(len(payload) for payload in payloads)
+
+    def full(self) -> bool:
+        return (
+            self.payload_bytes >= BATCH_PAYLOAD_BYTES
+            or len(self.items) >= BATCH_DELIVERIES
+        )
 
 
 class CoreServer:
@@ -388,7 +417,14 @@ class CoreServer:
             )
             for c in header.get("clients", ())
         ]
-        self._bridges[routing_id] = _Bridge(routing_id, instance, join, now, now)
+        self._bridges[routing_id] = _Bridge(
+            routing_id,
+            instance,
+            join,
+            now,
+            now,
+            deliver_many=header.get("deliverMany") is True,
+        )
         known_clients = self.scheduler.bridge_joined(routing_id, claims, now)
         logger.info(
             "bridge joined bridge=%s clients=%d known=%d",
@@ -569,9 +605,12 @@ class CoreServer:
         self._unspool(changes.freed_payloads)
 
     def _deliver(self, outgoing: list[Outgoing]) -> None:
-        # TODO: one ZeroMQ message per delivery, two per task; the deliveries
-        # of one turn to one bridge in one message would cut what a small
-        # file costs both processes (docs/performance.md, 1 KiB files).
+        # A turn's deliveries to one bridge leave together, as one
+        # DELIVER_MANY: one ZeroMQ message to send and to receive instead of
+        # one per delivery, which was most of what the link cost per task.
+        # Anything else for a bridge first sends what waits for it, so each
+        # bridge sees the scheduler's output in the scheduler's order.
+        waiting: dict[bytes, _Deliveries] = {}
         for item in outgoing:
             if isinstance(item, Send):
                 bridge_id, number = item.client
@@ -586,17 +625,38 @@ class CoreServer:
                 header: dict[str, Any] = {"client": number, "message": item.message}
                 if item.result is not None:
                     header["result"] = item.result
-                self._send(bridge_id, Command.DELIVER, header, payloads)
+                batch = waiting.setdefault(bridge_id, _Deliveries())
+                batch.add(header, payloads)
+                if batch.full():
+                    self._send_deliveries(bridge_id, waiting.pop(bridge_id))
             elif isinstance(item, Broadcast):
+                self._send_all_deliveries(waiting)
                 for bridge_id in list(self._bridges):
                     self._send(bridge_id, Command.BROADCAST, {"message": item.message})
             elif isinstance(item, Disconnect):
                 bridge_id, number = item.client
+                if bridge_id in waiting:
+                    self._send_deliveries(bridge_id, waiting.pop(bridge_id))
                 self._send(
                     bridge_id,
                     Command.CLOSE_CLIENT,
                     {"client": number, "code": CLOSE_DROPPED, "reason": item.reason},
                 )
+        self._send_all_deliveries(waiting)
+
+    def _send_all_deliveries(self, waiting: dict[bytes, _Deliveries]) -> None:
+        for bridge_id, batch in waiting.items():
+            self._send_deliveries(bridge_id, batch)
+        waiting.clear()
+
+    def _send_deliveries(self, bridge_id: bytes, batch: _Deliveries) -> None:
+        bridge = self._bridges.get(bridge_id)
+        if len(batch.items) == 1 or bridge is None or not bridge.deliver_many:
+            for header, payloads in batch.items:
+                self._send(bridge_id, Command.DELIVER, header, payloads)
+            return
+        header, payloads = wire.delivery_batch(batch.items)
+        self._send(bridge_id, Command.DELIVER_MANY, header, payloads)
 
     def _payloads(self, item: Send) -> tuple[Any, ...]:
         if item.payload_key is None:

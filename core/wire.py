@@ -16,7 +16,8 @@ Every ZeroMQ message on the link is a multipart message::
   re-escaped (an escaped slash arrives as a plain one). Never inside the JSON
   header, never Base64-decoded. For ``SUBMIT_TASKS`` the i-th payload belongs
   to the i-th entry of ``tasks``; for ``TASK_ASSIGNED`` the single payload is
-  the task's.
+  the task's; for ``DELIVER_MANY``, the payloads of the deliveries that have
+  one, in order.
 
 The core's ROUTER socket sees one more frame in front, the bridge's routing
 id; :mod:`core.server` strips it before calling :func:`decode`.
@@ -41,6 +42,8 @@ __all__ = [
     "Envelope",
     "Payload",
     "decode",
+    "deliveries",
+    "delivery_batch",
     "encode",
 ]
 
@@ -59,7 +62,7 @@ class Command(enum.IntEnum):
 
     """
 
-    #: bridge → core: ``{"bridge": id, "heartbeat": seconds}``; (re)join.
+    #: bridge → core: ``{"bridge": id, "heartbeat": seconds, ...}``; (re)join.
     HELLO = 1
     #: core → bridge: ``{"core": id, "heartbeat": seconds}``; answer to HELLO.
     WELCOME = 2
@@ -91,6 +94,11 @@ class Command(enum.IntEnum):
     #: core → bridge: ``{"view": {...}}``; what the status page shows, sent to
     #: watching bridges when it changes (docs/metrics.md).
     VIEW = 14
+    #: core → bridge: ``{"deliveries": [...]}``, each entry a DELIVER's header
+    #: with ``"payload": true`` if it has one, + those payloads in order.
+    #: Several DELIVERs in one message (see :func:`deliveries`), sent only to
+    #: a bridge whose HELLO said ``"deliverMany": true``.
+    DELIVER_MANY = 15
 
 
 @dataclass(slots=True)
@@ -165,3 +173,58 @@ def decode(frames: Sequence[Payload]) -> Envelope:
         raise ProtocolError("link header is not a JSON object")
 
     return Envelope(command, header, frames[3:])
+
+
+def delivery_batch(
+    items: Sequence[tuple[dict[str, Any], Sequence[Payload]]],
+) -> tuple[dict[str, Any], list[Payload]]:
+    """
+    The header and payloads of one DELIVER_MANY carrying ``items``, each a
+    DELIVER's header and its payloads (none or one), in the order the bridge
+    is to handle them.
+
+    """
+    headers = []
+    payloads: list[Payload] = []
+    for header, item_payloads in items:
+        if len(item_payloads) > 1:
+            raise ValueError("a delivery carries at most one payload")
+        if item_payloads:
+            header = {**header, "payload": True}
+            payloads.append(item_payloads[0])
+        headers.append(header)
+    return {"deliveries": headers}, payloads
+
+
+def deliveries(envelope: Envelope) -> list[Envelope]:
+    """
+    The DELIVERs in a DELIVER (itself) or a DELIVER_MANY (one per entry, each
+    with its payload), in order.
+
+    Raises:
+        ProtocolError: A DELIVER_MANY whose entries and payloads disagree.
+
+    """
+    if envelope.command is Command.DELIVER:
+        return [envelope]
+    if envelope.command is not Command.DELIVER_MANY:
+        raise ProtocolError(f"{envelope.command.name} is not a delivery")
+    entries = envelope.header.get("deliveries")
+    if not isinstance(entries, list) or not all(
+        isinstance(entry, dict) for entry in entries
+    ):
+        raise ProtocolError("DELIVER_MANY without a list of deliveries")
+    wanted = sum(1 for entry in entries if entry.get("payload") is True)
+    if wanted != len(envelope.payloads):
+        raise ProtocolError(
+            f"DELIVER_MANY names {wanted} payloads and carries {len(envelope.payloads)}"
+        )
+    payloads = iter(envelope.payloads)
+    return [
+        Envelope(
+            Command.DELIVER,
+            entry,
+            (next(payloads),) if entry.get("payload") is True else (),
+        )
+        for entry in entries
+    ]

@@ -10,6 +10,7 @@ when the loop first looks.
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import zmq
 from core import wire
 from core.model import Changes
 from core.scheduler import Scheduler
-from core.server import CoreServer
+from core.server import BATCH_PAYLOAD_BYTES, CoreServer
 from core.store import SqliteStore, open_data_dir
 from core.wire import Command
 
@@ -124,12 +125,24 @@ def receive(socket: zmq.Socket[Any]) -> wire.Envelope:
     return wire.decode(socket.recv_multipart())
 
 
+# Deliveries received in a DELIVER_MANY and not yet returned, per socket.
+_unreturned: weakref.WeakKeyDictionary[zmq.Socket[Any], list[wire.Envelope]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 def next_delivery(socket: zmq.Socket[Any]) -> wire.Envelope:
-    """The next DELIVER, skipping heartbeats, broadcasts and the like."""
-    while True:
+    """
+    The next DELIVER, skipping heartbeats, broadcasts and the like; the
+    deliveries of a DELIVER_MANY one at a time.
+
+    """
+    waiting = _unreturned.setdefault(socket, [])
+    while not waiting:
         envelope = receive(socket)
-        if envelope.command is Command.DELIVER:
-            return envelope
+        if envelope.command in (Command.DELIVER, Command.DELIVER_MANY):
+            waiting.extend(wire.deliveries(envelope))
+    return waiting.pop(0)
 
 
 def test_waiting_messages_share_one_commit_and_keep_their_order(
@@ -218,6 +231,112 @@ def test_a_batch_is_stored_before_any_of_it_is_sent(
     # Nothing but the WELCOME (the routing id and three frames) went out
     # before the commit.
     assert core.sent_after.count(0) == 4
+
+
+def next_of(socket: zmq.Socket[Any], *commands: Command) -> wire.Envelope:
+    """The next message that is one of ``commands``, skipping the others."""
+    while True:
+        envelope = receive(socket)
+        if envelope.command in commands:
+            return envelope
+
+
+HELLO = {"bridge": "b", "join": 1, "heartbeat": 1.0}
+
+
+def test_a_bridge_that_does_not_take_batches_gets_a_deliver_each(
+    context: zmq.Context[Any], tmp_path: Path
+) -> None:
+    # A bridge from before DELIVER_MANY does not say "deliverMany".
+    core = Core(context, tmp_path)
+    link = bridge(context)
+    send(link, Command.HELLO, HELLO)
+    for client in range(1, 4):
+        client_message(link, client, {"type": "WORKER_REGISTER"})
+
+    core.go()
+    try:
+        received = [
+            next_of(link, Command.DELIVER, Command.DELIVER_MANY) for _ in range(3)
+        ]
+    finally:
+        core.stop(link)
+        link.close()
+
+    assert [envelope.command for envelope in received] == [Command.DELIVER] * 3
+    assert [envelope.header["client"] for envelope in received] == [1, 2, 3]
+
+
+def test_a_turns_deliveries_to_a_bridge_leave_as_one_message(
+    context: zmq.Context[Any], tmp_path: Path
+) -> None:
+    core = Core(context, tmp_path)
+    link = bridge(context)
+    send(link, Command.HELLO, {**HELLO, "deliverMany": True})
+    for client in range(1, 6):
+        client_message(link, client, {"type": "WORKER_REGISTER"})
+
+    core.go()
+    try:
+        envelope = next_of(link, Command.DELIVER, Command.DELIVER_MANY)
+    finally:
+        core.stop(link)
+        link.close()
+
+    assert envelope.command is Command.DELIVER_MANY
+    assert [
+        (delivery.header["client"], delivery.header["message"]["type"])
+        for delivery in wire.deliveries(envelope)
+    ] == [(client, "WORKER_REGISTERED") for client in range(1, 6)]
+
+
+def test_a_batch_of_deliveries_goes_once_it_carries_enough_file_data(
+    context: zmq.Context[Any], tmp_path: Path
+) -> None:
+    # Four files of 100 KiB for four workers in one turn: BATCH_PAYLOAD_BYTES
+    # (256 KiB) is reached at the third assignment, which sends the batch;
+    # the fourth goes on its own.
+    assert BATCH_PAYLOAD_BYTES == 256 * 1024
+    file = b"QUJD" * (25 * 1024)
+    core = Core(context, tmp_path)
+    link = bridge(context)
+    send(link, Command.HELLO, {**HELLO, "deliverMany": True})
+    for worker in (1, 2, 3, 4):
+        client_message(link, worker, {"type": "WORKER_REGISTER"})
+    client_message(link, 5, {"type": "CREATE_SESSION"})
+
+    core.go()
+    try:
+        session_id = ""
+        while not session_id:
+            message = next_delivery(link).header["message"]
+            session_id = message.get("sessionId", "")
+        task = {"filename": "a.bin", "mimeType": "text/plain", "size": 75 * 1024}
+        client_message(
+            link,
+            5,
+            {"type": "SUBMIT_TASKS", "sessionId": session_id, "tasks": [task] * 4},
+            *[file] * 4,
+        )
+        batch = next_of(link, Command.DELIVER, Command.DELIVER_MANY)
+        last = next_of(link, Command.DELIVER, Command.DELIVER_MANY)
+    finally:
+        core.stop(link)
+        link.close()
+
+    assert batch.command is Command.DELIVER_MANY
+    delivered = wire.deliveries(batch)
+    assert [d.header["message"]["type"] for d in delivered] == [
+        "TASKS_SUBMITTED",
+        "TASK_ASSIGNED",
+        "TASK_ASSIGNED",
+        "TASK_ASSIGNED",
+    ]
+    assert [d.header["client"] for d in delivered[1:]] == [1, 2, 3]
+    assert [bytes(p) for d in delivered for p in d.payloads] == [file] * 3
+    assert last.command is Command.DELIVER
+    assert last.header["client"] == 4
+    assert [bytes(p) for p in last.payloads] == [file]
 
 
 class _Wrapped:

@@ -10,7 +10,15 @@ import orjson
 import pytest
 
 from core.errors import LinkupError, ProtocolError
-from core.wire import PROTOCOL, Command, Envelope, decode, encode
+from core.wire import (
+    PROTOCOL,
+    Command,
+    Envelope,
+    decode,
+    deliveries,
+    delivery_batch,
+    encode,
+)
 
 HEADER = {"client": 7, "message": {"type": "TASK_COMPLETED", "taskId": "t-1"}}
 
@@ -112,8 +120,64 @@ def test_command_numbers_are_stable() -> None:
         "BYE": 12,
         "WATCH": 13,
         "VIEW": 14,
+        "DELIVER_MANY": 15,
     }
     assert PROTOCOL == b"LINKUP1"
+
+
+# Several deliveries in one message.
+
+
+def test_a_batch_of_deliveries_comes_apart_as_the_deliveries_in_order() -> None:
+    items = [
+        ({"client": 1, "message": {"type": "TASK_ASSIGNED"}}, [b"first"]),
+        ({"client": 2, "message": {"type": "TASK_COMPLETED"}, "result": ["s", 0]}, []),
+        ({"client": 1, "message": {"type": "TASK_ASSIGNED"}}, [b"second"]),
+    ]
+    header, payloads = delivery_batch(items)
+
+    unpacked = deliveries(decode(encode(Command.DELIVER_MANY, header, payloads)))
+
+    assert [envelope.command for envelope in unpacked] == [Command.DELIVER] * 3
+    assert [envelope.header["client"] for envelope in unpacked] == [1, 2, 1]
+    assert unpacked[1].header["result"] == ["s", 0]
+    assert [list(map(bytes, envelope.payloads)) for envelope in unpacked] == [
+        [b"first"],
+        [],
+        [b"second"],
+    ]
+
+
+def test_a_single_deliver_is_its_own_delivery() -> None:
+    envelope = decode(encode(Command.DELIVER, HEADER, [b"data"]))
+    assert deliveries(envelope) == [envelope]
+
+
+def test_a_delivery_carries_at_most_one_payload() -> None:
+    with pytest.raises(ValueError, match="at most one payload"):
+        delivery_batch([(HEADER, [b"one", b"two"])])
+
+
+@pytest.mark.parametrize(
+    ("header", "payloads", "complaint"),
+    [
+        ({}, [], "list of deliveries"),
+        ({"deliveries": [1, 2]}, [], "list of deliveries"),
+        ({"deliveries": [{"payload": True}]}, [], "names 1 payloads and carries 0"),
+        ({"deliveries": [{}]}, [b"stray"], "names 0 payloads and carries 1"),
+    ],
+)
+def test_a_batch_whose_entries_and_payloads_disagree_is_refused(
+    header: dict[str, Any], payloads: list[bytes], complaint: str
+) -> None:
+    envelope = decode(encode(Command.DELIVER_MANY, header, payloads))
+    with pytest.raises(ProtocolError, match=complaint):
+        deliveries(envelope)
+
+
+def test_only_deliveries_come_apart() -> None:
+    with pytest.raises(ProtocolError, match="HEARTBEAT is not a delivery"):
+        deliveries(decode(encode(Command.HEARTBEAT)))
 
 
 # Repr.
@@ -159,7 +223,7 @@ def test_wrong_protocol_tag_is_refused(tag: bytes) -> None:
 
 @pytest.mark.parametrize(
     "command_frame",
-    [b"\x00", b"\x0f", b"\xff", b"", b"\x01\x01", b"HELLO"],
+    [b"\x00", b"\x10", b"\xff", b"", b"\x01\x01", b"HELLO"],
 )
 def test_unknown_command_is_refused(command_frame: bytes) -> None:
     frames = [PROTOCOL, command_frame, b"{}"]
