@@ -31,6 +31,7 @@ bytes on the wire against a real websockets client.
 
 from __future__ import annotations
 
+import logging
 import mmap
 import struct
 from collections.abc import Generator, Iterable, Sequence
@@ -47,6 +48,8 @@ from bridge.memory import MMAP_THRESHOLD
 from bridge.messages import Spliced
 
 __all__ = ["COALESCE_BYTES", "BridgeConnection", "coalesce", "text_frame_header"]
+
+logger = logging.getLogger("linkup.bridge.connection")
 
 #: Writes smaller than this are joined with their neighbours into one write.
 COALESCE_BYTES = 64 * 1024
@@ -102,6 +105,23 @@ def coalesce(writes: Sequence[Any]) -> list[Any]:
     return result
 
 
+def _map_anonymous(size: int) -> mmap.mmap | None:
+    # Private and anonymous: the kernel gives it zeroed pages as they are
+    # first written, and counts them as the process's own (RssAnon). Where
+    # the system refuses the address space (a very large announced frame, or
+    # strict overcommit), None: the caller reads the frame as it did before.
+    try:
+        return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
+    except OSError as exc:
+        logger.warning(
+            "cannot map %d bytes for a WebSocket frame (%s); reading it into "
+            "the heap instead",
+            size,
+            exc,
+        )
+        return None
+
+
 class _Reader(StreamReader):
     # websockets' reader, but a large frame's payload is copied only once.
     # websockets appends every read from the socket to one bytearray, which
@@ -152,13 +172,24 @@ class _Reader(StreamReader):
     def read_exact(self, n: int) -> Generator[None, None, bytearray]:
         if n < _HAND_OVER_BYTES:
             return (yield from super().read_exact(n))
-        if len(self.buffer) >= n:
-            data = self.buffer
-            self.buffer = data[n:]
-            del data[n:]
-            return data
-        if n > MMAP_THRESHOLD:
-            return (yield from self._read_mapped(n))
+        if len(self.buffer) < n:
+            if n <= MMAP_THRESHOLD:
+                yield from self._collect_chunks(n)
+            else:
+                mapping = _map_anonymous(n)
+                if mapping is not None:
+                    return (yield from self._read_mapped(mapping, n))
+                # No mapping to be had: the payload grows in the buffer.
+                while len(self.buffer) < n:
+                    self._wait_for(len(self.buffer), n)
+                    yield
+        data = self.buffer
+        self.buffer = data[n:]
+        del data[n:]
+        return data
+
+    def _collect_chunks(self, n: int) -> Generator[None, None, None]:
+        # Leaves the reads joined in self.buffer, however the wait ends.
         self._chunks = [self.buffer]
         self._chunk_bytes = len(self.buffer)
         self.buffer = bytearray()
@@ -170,17 +201,14 @@ class _Reader(StreamReader):
             chunks, self._chunks = self._chunks, None
             self.buffer = bytearray().join(chunks)
             del chunks
-        data = self.buffer
-        self.buffer = data[n:]
-        del data[n:]
-        return data
 
-    def _read_mapped(self, n: int) -> Generator[None, None, bytearray]:
+    def _read_mapped(
+        self, mapping: mmap.mmap, n: int
+    ) -> Generator[None, None, bytearray]:
         # A view of the mapping stands in for a bytearray: websockets only
         # unmasks the payload (apply_mask takes bytes, bytearray or a
         # memoryview), which copies it into the bytes of the frame, and then
         # lets the view go, and with it the mapping.
-        mapping = mmap.mmap(-1, n)
         buffered, self.buffer = self.buffer, bytearray()
         self._mapping = mapping
         self._mapped_bytes = 0
@@ -190,6 +218,12 @@ class _Reader(StreamReader):
             while self._mapped_bytes < n:
                 self._wait_for(self._mapped_bytes, n)
                 yield
+        except BaseException:
+            # A frame cut short: unmap it now. websockets keeps the error,
+            # whose traceback holds this generator's locals, the mapping
+            # among them, in a cycle that only a garbage collection breaks.
+            mapping.close()
+            raise
         finally:
             self._mapping = None
         return cast(bytearray, memoryview(mapping))

@@ -15,8 +15,10 @@ buffer take five times as long as a copy into memory already in use.
 So the bridge serves buffers of up to 32 MiB (glibc's largest mmap
 threshold on 64-bit) from its heap, where the next message reuses the pages
 the last one freed, and keeps up to 64 MiB free at the top of the heap
-rather than trimming it after every message. Larger buffers (a batch of
-more than 32 MiB) still get pages of their own. What the heap holds free is
+rather than trimming it after every message. Larger buffers get pages of
+their own: a batch of more than 32 MiB is read into a mapping of its size
+(:mod:`bridge.connection`), which goes as soon as the batch is taken out of
+it. What the heap holds free is
 given back by :func:`malloc_trim` once a second has passed without a large
 message (``Bridge`` decides when), so an idle bridge is as small as before.
 """

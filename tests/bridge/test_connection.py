@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import mmap
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -313,3 +314,55 @@ def test_the_reader_does_not_keep_a_buffer_its_owner_may_reuse(
         next(reading)
     assert bytes(done.value.value) == b"y" * 250_000
     assert reader.buffer == b"y"
+
+
+def track_mappings(monkeypatch: pytest.MonkeyPatch) -> list[mmap.mmap]:
+    """Frames above 100 kB go into mappings; the list gets each one made."""
+    monkeypatch.setattr(bridge_connection, "MMAP_THRESHOLD", 100_000)
+    made: list[mmap.mmap] = []
+    original = bridge_connection._map_anonymous
+
+    def tracked(size: int) -> mmap.mmap | None:
+        mapping = original(size)
+        if mapping is not None:
+            made.append(mapping)
+        return mapping
+
+    monkeypatch.setattr(bridge_connection, "_map_anonymous", tracked)
+    return made
+
+
+def test_a_frame_cut_short_is_unmapped_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Not when a garbage collection comes round: websockets keeps the error,
+    # and its traceback the reader's frame, in a cycle.
+    made = track_mappings(monkeypatch)
+    ended, abandoned = new_reader(), new_reader()
+
+    ending = ended.read_exact(250_000)
+    next(ending)
+    ended.feed_data(b"x" * 1000)
+    ended.feed_eof()
+    with pytest.raises(EOFError):
+        next(ending)
+    abandoning = abandoned.read_exact(250_000)
+    next(abandoning)
+    abandoning.close()
+
+    assert len(made) == 2
+    assert all(mapping.closed for mapping in made)
+
+
+def test_a_frame_that_cannot_be_mapped_is_read_into_the_buffer(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def refuse(*args: Any, **kwargs: Any) -> mmap.mmap:
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(bridge_connection, "MMAP_THRESHOLD", 100_000)
+    monkeypatch.setattr(mmap, "mmap", refuse)
+    frame = os.urandom(250_000)
+
+    received = read_all(new_reader(), [len(frame)], [frame[:1000], frame[1000:]])
+
+    assert received == [frame]
+    assert "cannot map 250000 bytes" in caplog.text
