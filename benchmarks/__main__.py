@@ -80,6 +80,8 @@ def _stop(signum: int, frame: FrameType | None) -> None:
 
 def _check_writable(path: Path, option: str) -> None:
     # Found out now, not after minutes of measuring.
+    if path.is_dir():
+        sys.exit(f"python -m benchmarks: {option} {path}: is a directory")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -92,20 +94,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     _check_writable(args.output, "--output")
     _check_writable(args.chart, "--chart")
+    if args.chart.suffix.lower() != ".png":
+        sys.exit(f"python -m benchmarks: --chart {args.chart}: must end in .png")
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGHUP, _stop)
     names = args.scenario or scenario_names()
     started_at = datetime.datetime.now().astimezone()
     started = time.monotonic()
     load_before = os.getloadavg()
-    results = run_suite(names, args.quick)
+    try:
+        results = run_suite(names, args.quick)
+    except KeyboardInterrupt:
+        # Everything the run started is stopped and removed by now.
+        print("\ninterrupted: nothing written", file=sys.stderr)
+        return 130
     report = build_report(
         results, args.quick, started_at, time.monotonic() - started, load_before
     )
 
     # The figures first: whatever fails after, they are not lost.
     print(table(report))
-    args.output.write_text(json.dumps(report, indent=1) + "\n")
+    try:
+        args.output.write_text(json.dumps(report, indent=1) + "\n")
+    except OSError as exc:
+        print(f"\ncannot write {args.output}: {exc}", file=sys.stderr)
+        return 1
     try:
         # Imported here: matplotlib takes a second to load.
         from benchmarks.chart import draw_chart
@@ -116,7 +129,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
     else:
-        draw_chart(report, args.chart)
+        try:
+            draw_chart(report, args.chart)
+        except OSError as exc:
+            print(f"\nwritten to {args.output}; no chart: {exc}", file=sys.stderr)
+            return 1
         print(f"\nwritten to {args.output} and {args.chart}", file=sys.stderr)
     if not report["ok"]:
         print("\nFAILED:", file=sys.stderr)

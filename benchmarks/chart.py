@@ -50,6 +50,18 @@ def draw_chart(report: dict[str, Any], path: Path) -> None:
 
 def _ratios(axes: Axes, scenarios: dict[str, dict[str, Any]]) -> None:
     names = [name for name, result in scenarios.items() if result.get("ratios")]
+    axes.set_title("throughput relative to the reference relay", fontsize=10)
+    if not names:
+        axes.text(
+            0.5,
+            0.5,
+            "no scenario run against the relay",
+            ha="center",
+            transform=axes.transAxes,
+        )
+        axes.set_xticks([])
+        axes.set_yticks([])
+        return
     tasks = [scenarios[name]["ratios"]["tasks_per_s"] or 0.0 for name in names]
     payload = [scenarios[name]["ratios"]["mb_per_s"] or 0.0 for name in names]
     positions = range(len(names))
@@ -73,7 +85,6 @@ def _ratios(axes: Axes, scenarios: dict[str, dict[str, Any]]) -> None:
     axes.set_xticks(list(positions), names)
     axes.set_ylabel("linkup / relay")
     axes.set_ylim(0, max([1.2, *tasks, *payload]) * 1.1)
-    axes.set_title("throughput relative to the reference relay", fontsize=10)
     axes.legend(fontsize=8, loc="upper right")
 
 

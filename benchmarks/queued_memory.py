@@ -76,6 +76,7 @@ from websockets.protocol import State
 from websockets.uri import parse_uri
 
 from benchmarks.processes import free_port, wait_ready
+from bridge.server import RELEASE_MEMORY_AFTER
 
 try:
     from websockets.speedups import apply_mask
@@ -102,8 +103,10 @@ SAMPLE_INTERVAL = 0.05
 TARGET_BASE_BYTES = 256 * 10**6
 SERIES_POINTS = 500
 # Default time left with everything queued and nothing moving, between the
-# phases (--settle).
-SETTLE_SECONDS = 1.0
+# phases (--settle): long enough for the bridge to give back the memory of
+# the last message, which it does between one and two RELEASE_MEMORY_AFTER
+# after it.
+SETTLE_SECONDS = 2 * RELEASE_MEMORY_AFTER + 0.5
 # One random block, repeated to fill each file behind a header of its own.
 BLOCK_SIZE = MiB
 HEADER_SIZE = 40
