@@ -379,6 +379,10 @@ class Bridge:
                 "< %s client=%d bytes=%d", inbound.type, client.number, inbound.size
             )
         try:
+            # TODO: one link message per client message, a tenth of the
+            # bridge's CPU per small task; the answers of one turn of the loop
+            # could go in one message, as the core's deliveries do
+            # (docs/performance.md, 1 KiB files).
             await self.link.send(
                 Command.CLIENT_MESSAGE,
                 {"client": client.number, "message": inbound.header},
