@@ -96,8 +96,12 @@ _RECV_NOW = int(zmq.NOBLOCK)
 
 # Link commands handled in a batch: those that only feed the scheduler. Any
 # other is handled after a flush, as it may be answered by the shell at once,
-# and an answer must not overtake output of earlier messages.
-_BATCHED = frozenset({Command.HEARTBEAT, Command.CLIENT_MESSAGE, Command.CLIENT_GONE})
+# and an answer must not overtake output of earlier messages. BYE gets no
+# answer, and a flush before it would send what its own last messages made to
+# a bridge that has gone, and take it for lost.
+_BATCHED = frozenset(
+    {Command.HEARTBEAT, Command.CLIENT_MESSAGE, Command.CLIENT_GONE, Command.BYE}
+)
 
 
 @dataclass(slots=True)
@@ -214,9 +218,12 @@ class CoreServer:
         while not self._stopping:
             timeout = self._time_until_next_timer()
             if self._poller.poll(round(timeout * 1000)):
+                # What a bridge sent before it went is read before its going
+                # is looked into: its last reports, and a BYE that says it
+                # left rather than was lost.
+                self._receive_waiting()
                 if self._monitor.poll(0, zmq.POLLIN):
                     self._on_disconnect_event()
-                self._receive_waiting()
             self._run_timers()
             self._flush()
 

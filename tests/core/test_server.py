@@ -9,6 +9,7 @@ when the loop first looks.
 
 from __future__ import annotations
 
+import logging
 import threading
 import weakref
 from collections.abc import Iterator
@@ -54,7 +55,10 @@ class Core:
 
     """
 
-    def __init__(self, context: zmq.Context[Any], tmp_path: Path) -> None:
+    def __init__(
+        self, context: zmq.Context[Any], tmp_path: Path, endpoint: str = ENDPOINT
+    ) -> None:
+        self.endpoint = endpoint
         self.saves: list[Changes] = []
         self.sent_after: list[int] = []
         self._built = threading.Event()
@@ -69,7 +73,7 @@ class Core:
         store, spool = open_data_dir(tmp_path)
         store.__class__ = CountingStore
         store.saves = self.saves  # type: ignore[attr-defined]
-        self.server = CoreServer(context, ENDPOINT, Scheduler("x"), store, spool)
+        self.server = CoreServer(context, self.endpoint, Scheduler("x"), store, spool)
         socket = self.server._socket
         send = socket.send
 
@@ -96,11 +100,11 @@ class Core:
         assert not self.thread.is_alive()
 
 
-def bridge(context: zmq.Context[Any]) -> zmq.Socket[Any]:
+def bridge(context: zmq.Context[Any], endpoint: str = ENDPOINT) -> zmq.Socket[Any]:
     socket: zmq.Socket[Any] = context.socket(zmq.DEALER)
     socket.setsockopt(zmq.LINGER, 0)
     socket.setsockopt(zmq.RCVTIMEO, TIMEOUT_MS)
-    socket.connect(ENDPOINT)
+    socket.connect(endpoint)
     return socket
 
 
@@ -337,6 +341,88 @@ def test_a_batch_of_deliveries_goes_once_it_carries_enough_file_data(
     assert last.command is Command.DELIVER
     assert last.header["client"] == 4
     assert [bytes(p) for p in last.payloads] == [file]
+
+
+def test_a_bridge_that_leaves_has_its_last_messages_read_first(
+    context: zmq.Context[Any], tmp_path: Path
+) -> None:
+    # A bridge stopping sends its last messages and BYE, then closes. When the
+    # core sees those messages and the monitor's disconnect in one poll, it
+    # must read the messages first: probing the bridges first found this one
+    # gone, dropped it as lost, and refused its last messages with RESET.
+    # Over ipc: an inproc connection reports no disconnect to the monitor.
+    endpoint = f"ipc://{tmp_path}/core.sock"
+    core = Core(context, tmp_path, endpoint)
+    server_poll = core.server._poller.poll
+    open_gate = threading.Event()
+    open_gate.set()
+    at_gate = threading.Event()
+
+    def gated_poll(timeout: int) -> Any:
+        at_gate.set()
+        assert open_gate.wait(10)
+        return server_poll(timeout)
+
+    core.server._poller.poll = gated_poll  # type: ignore[method-assign]
+    link = bridge(context, endpoint)
+    send(link, Command.HELLO, HELLO)
+    core.go()
+    try:
+        assert next_of(link, Command.WELCOME).header["join"] == 1
+
+        # Hold the loop before its next poll, then leave as a bridge does.
+        open_gate.clear()
+        at_gate.clear()
+        send(link, Command.HEARTBEAT, {})
+        assert at_gate.wait(5)
+        client_message(link, 1, {"type": "WORKER_REGISTER"})
+        send(link, Command.BYE, {})
+        link.close(linger=5000)
+        # Both waiting for the loop (it is held, so the sockets are free).
+        assert core.server._monitor.poll(5000, zmq.POLLIN)
+        assert core.server._socket.poll(5000, zmq.POLLIN)
+        log = _LogEvent("said goodbye", "bridge unreachable")
+        core_logger = logging.getLogger("linkup.core")
+        level = core_logger.level
+        core_logger.addHandler(log)
+        core_logger.setLevel(logging.INFO)
+        try:
+            open_gate.set()
+            assert log.wait(5)
+        finally:
+            core_logger.removeHandler(log)
+            core_logger.setLevel(level)
+    finally:
+        open_gate.set()
+        closing = bridge(context, endpoint)
+        core.stop(closing)
+        closing.close()
+
+    # The worker joined and then left with its bridge, which said goodbye.
+    assert "said goodbye" in log.first
+    assert any("worker joined" in message for message in log.messages)
+    assert not any("unknown bridge" in message for message in log.messages)
+
+
+class _LogEvent(logging.Handler):
+    """Keeps every message; set once one containing one of ``texts`` comes."""
+
+    def __init__(self, *texts: str) -> None:
+        super().__init__(logging.DEBUG)
+        self.texts = texts
+        self.first = ""
+        self.messages: list[str] = []
+        self._seen = threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        self.messages.append(message)
+        if not self._seen.is_set() and any(t in message for t in self.texts):
+            self.first = message
+            self._seen.set()
+
+    def wait(self, timeout: float) -> bool:
+        return self._seen.wait(timeout)
 
 
 class _Wrapped:
