@@ -82,14 +82,14 @@ CLOSE_DROPPED = 4000
 # transaction) and their output sent: a commit costs more than most messages.
 BATCH_MESSAGES = 64
 
-# Flags as plain ints: zmq's are enum.IntFlag members, and combining those on
-# every frame (as Socket.send_multipart does) costs more than the send.
 #: A turn's deliveries to one bridge are sent once they carry this much file
 #: data or this many deliveries, so that batching never holds many files
 #: read back from the spool at once, nor builds a huge header.
 BATCH_PAYLOAD_BYTES = 256 * 1024
 BATCH_DELIVERIES = 256
 
+# Flags as plain ints: zmq's are enum.IntFlag members, and combining those on
+# every frame (as Socket.send_multipart does) costs more than the send.
 _SEND_MORE = int(zmq.SNDMORE | zmq.NOBLOCK)
 _SEND_LAST = int(zmq.NOBLOCK)
 _RECV_NOW = int(zmq.NOBLOCK)
