@@ -76,7 +76,7 @@ from websockets.protocol import State
 from websockets.uri import parse_uri
 
 from benchmarks.processes import free_port, wait_ready
-from bridge.server import RELEASE_MEMORY_AFTER
+from bridge.memory import RELEASE_MEMORY_AFTER
 
 try:
     from websockets.speedups import apply_mask

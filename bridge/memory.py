@@ -30,7 +30,7 @@ import ctypes
 import ctypes.util
 from collections.abc import Callable
 
-__all__ = ["reuse_large_buffers"]
+__all__ = ["RELEASE_MEMORY_AFTER", "reuse_large_buffers"]
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -38,6 +38,10 @@ _M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 32 * 2**20
 #: Free memory kept at the top of the heap until the bridge trims it.
 TRIM_THRESHOLD = 64 * 2**20
+#: Seconds without a large message either way after which the bridge gives
+#: the heap's free memory back (it checks that often, so it happens between
+#: one and two of these after the last one).
+RELEASE_MEMORY_AFTER = 1.0
 
 
 def reuse_large_buffers() -> Callable[[], None] | None:

@@ -33,6 +33,7 @@ from bridge.connection import COALESCE_BYTES, BridgeConnection
 from bridge.continuity import OPENING_REQUESTS, REPORTS, Continuity
 from bridge.link import CoreLink
 from bridge.live import LIVE_PATH, LiveStatus
+from bridge.memory import RELEASE_MEMORY_AFTER
 from bridge.messages import (
     KNOWN_TYPES,
     OUTBOUND_TYPES,
@@ -70,10 +71,6 @@ CLOSE_TRY_AGAIN_LATER = 1013
 # even for a client that has stopped reading, and the bridge's shutdown with
 # it: below the 5 s that `linkup` gives the bridge to stop.
 CLOSE_TIMEOUT = 4.0
-
-# With large buffers reused (bridge.memory), free memory is given back once
-# this long has passed without a large message either way.
-RELEASE_MEMORY_AFTER = 1.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,6 +27,7 @@ from core.store import SqliteStore, open_data_dir
 from core.wire import Command
 
 ENDPOINT = "inproc://core-under-test"
+HELLO = {"bridge": "b", "join": 1, "heartbeat": 1.0}
 TIMEOUT_MS = 5000
 
 
@@ -108,6 +109,17 @@ def bridge(context: zmq.Context[Any], endpoint: str = ENDPOINT) -> zmq.Socket[An
     return socket
 
 
+def linked(
+    context: zmq.Context[Any], tmp_path: Path, *, deliver_many: bool = False
+) -> tuple[Core, zmq.Socket[Any]]:
+    """A core, not started yet, and a bridge that has said HELLO to it."""
+    core = Core(context, tmp_path)
+    link = bridge(context)
+    hello = {**HELLO, "deliverMany": True} if deliver_many else HELLO
+    send(link, Command.HELLO, hello)
+    return core, link
+
+
 def send(
     socket: zmq.Socket[Any],
     command: Command,
@@ -152,9 +164,7 @@ def next_delivery(socket: zmq.Socket[Any]) -> wire.Envelope:
 def test_waiting_messages_share_one_commit_and_keep_their_order(
     context: zmq.Context[Any], tmp_path: Path
 ) -> None:
-    core = Core(context, tmp_path)
-    link = bridge(context)
-    send(link, Command.HELLO, {"bridge": "b", "join": 1, "heartbeat": 1.0})
+    core, link = linked(context, tmp_path)
     client_message(link, 1, {"type": "WORKER_REGISTER"})
     # Refused at once, but only after what the messages before it made.
     client_message(
@@ -215,9 +225,7 @@ def test_a_batch_is_stored_before_any_of_it_is_sent(
     context: zmq.Context[Any], tmp_path: Path
 ) -> None:
     """Every DELIVER of a batch leaves after the batch's commit."""
-    core = Core(context, tmp_path)
-    link = bridge(context)
-    send(link, Command.HELLO, {"bridge": "b", "join": 1, "heartbeat": 1.0})
+    core, link = linked(context, tmp_path)
     for client in range(1, 6):
         client_message(link, client, {"type": "WORKER_REGISTER"})
 
@@ -245,16 +253,11 @@ def next_of(socket: zmq.Socket[Any], *commands: Command) -> wire.Envelope:
             return envelope
 
 
-HELLO = {"bridge": "b", "join": 1, "heartbeat": 1.0}
-
-
 def test_a_bridge_that_does_not_take_batches_gets_a_deliver_each(
     context: zmq.Context[Any], tmp_path: Path
 ) -> None:
     # A bridge from before DELIVER_MANY does not say "deliverMany".
-    core = Core(context, tmp_path)
-    link = bridge(context)
-    send(link, Command.HELLO, HELLO)
+    core, link = linked(context, tmp_path)
     for client in range(1, 4):
         client_message(link, client, {"type": "WORKER_REGISTER"})
 
@@ -274,9 +277,7 @@ def test_a_bridge_that_does_not_take_batches_gets_a_deliver_each(
 def test_a_turns_deliveries_to_a_bridge_leave_as_one_message(
     context: zmq.Context[Any], tmp_path: Path
 ) -> None:
-    core = Core(context, tmp_path)
-    link = bridge(context)
-    send(link, Command.HELLO, {**HELLO, "deliverMany": True})
+    core, link = linked(context, tmp_path, deliver_many=True)
     for client in range(1, 6):
         client_message(link, client, {"type": "WORKER_REGISTER"})
 
@@ -302,9 +303,7 @@ def test_a_batch_of_deliveries_goes_once_it_carries_enough_file_data(
     # the fourth goes on its own.
     assert BATCH_PAYLOAD_BYTES == 256 * 1024
     file = b"QUJD" * (25 * 1024)
-    core = Core(context, tmp_path)
-    link = bridge(context)
-    send(link, Command.HELLO, {**HELLO, "deliverMany": True})
+    core, link = linked(context, tmp_path, deliver_many=True)
     for worker in (1, 2, 3, 4):
         client_message(link, worker, {"type": "WORKER_REGISTER"})
     client_message(link, 5, {"type": "CREATE_SESSION"})
